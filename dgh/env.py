@@ -1,0 +1,40 @@
+"""Process-level runtime settings: offline switches and device auto-detection.
+
+Every entry point (CLI, DVC stage, test session) calls :func:`configure_offline` before importing
+ultralytics, MLflow or DVC, so that nothing reaches the network at run time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+OFFLINE_ENV: dict[str, str] = {
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "false",
+    "YOLO_VERBOSE": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def configure_offline() -> None:
+    """Set the offline environment variables (without overriding values the user set)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """Return ``torch.device(device)``, or CUDA when available and ``device`` is None/"auto", else CPU.
+
+    Raises:
+        ValueError: if ``device`` names CUDA and no CUDA device is present.
+    """
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev

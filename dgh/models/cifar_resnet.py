@@ -1,0 +1,94 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2) with the parameter-free "option A" shortcut.
+
+Module names match the akamaster/pytorch_resnet_cifar10 checkpoints:
+``conv1, bn1, layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2}, linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OptionAShortcut(nn.Module):
+    """Parameter-free shortcut: subsample by 2 in H and W, zero-pad channels by ``planes // 4`` on each side."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C + 2*pad, H/2, W/2)
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a residual add, then ReLU."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = OptionAShortcut(planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-(6n+2): input ``(N, 3, 32, 32)`` normalized, output logits ``(N, num_classes)``."""
+
+    def __init__(self, num_blocks: tuple[int, int, int], num_classes: int = 10) -> None:
+        super().__init__()
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, num_blocks[0], 1)
+        self.layer2 = self._make_layer(32, num_blocks[1], 2)
+        self.layer3 = self._make_layer(64, num_blocks[2], 2)
+        self.linear = nn.Linear(64, num_classes)
+
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+CIFAR_DEPTHS: dict[int, tuple[int, int, int]] = {d: ((d - 2) // 6,) * 3 for d in (20, 32, 44, 56, 110)}
+
+
+def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
+    """Build a CIFAR ResNet of ``depth`` in {20, 32, 44, 56, 110} with random weights.
+
+    Raises:
+        ValueError: for an unsupported depth.
+    """
+    if depth not in CIFAR_DEPTHS:
+        raise ValueError(f"CIFAR ResNet depth must be one of {sorted(CIFAR_DEPTHS)}, got {depth}")
+    return CifarResNet(CIFAR_DEPTHS[depth], num_classes)
+
+
+def convert_akamaster_state_dict(state: dict) -> dict[str, torch.Tensor]:
+    """Turn an akamaster checkpoint (``{"state_dict": {"module.conv1.weight": ...}}``) into plain keys.
+
+    Accepts the wrapped dict or a bare state_dict, with or without the ``module.`` prefix.
+    """
+    sd = state.get("state_dict", state) if isinstance(state, dict) else state
+    return {k.removeprefix("module."): v for k, v in sd.items()}

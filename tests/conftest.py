@@ -1,0 +1,37 @@
+"""Shared pytest fixtures. The real assets live outside the repo (``../shared/assets`` or ``$DGH_ASSETS``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dgh.env import configure_offline
+
+configure_offline()
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _assets_root() -> Path:
+    return Path(os.environ.get("DGH_ASSETS", REPO_ROOT.parent / "shared" / "assets")).resolve()
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """The read-only real-asset folder; tests that need it skip (with the path) when it is absent."""
+    root = _assets_root()
+    if not (root / "cifar10").is_dir():
+        pytest.skip(f"real assets not found at {root} (set DGH_ASSETS)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights(assets: Path) -> Path:
+    return assets / "cifar10" / "models" / "resnet20-12fca82f.th"
+
+
+@pytest.fixture(scope="session")
+def yolov5n_weights(assets: Path) -> Path:
+    return assets / "coco" / "models" / "yolov5n.pt"
