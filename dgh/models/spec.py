@@ -41,6 +41,13 @@ class ModelSpec:
         output_loss_weight: default lambda_out of the output distribution stretching loss (method.md section 3).
         num_classes: number of classes of the head.
         class_names: optional class names, index order.
+        resize_size: classification preprocessing: resize the shorter image side to this many pixels, then
+            center-crop ``input_size`` (torchvision ``ImageClassification``). ``None``: no resize (CIFAR).
+            Detection models ignore it (they letterbox to ``input_size``).
+        interpolation: resize interpolation for classification preprocessing (``bilinear`` | ``bicubic`` | ``nearest``).
+        default_weights: what ``load_model(name)`` uses without ``weights``, in words (``"random"``,
+            ``"torchvision DEFAULT ResNet18_Weights.IMAGENET1K_V1 (download; pass --weights offline)"``,
+            ``"required (--weights PATH)"``), for ``dgh models``.
     """
 
     name: str
@@ -53,6 +60,9 @@ class ModelSpec:
     output_loss_weight: float = 1e-5
     num_classes: int = 1000
     class_names: tuple[str, ...] = ()
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+    default_weights: str | None = None
 
     def pixel_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Valid input range in normalized space, per channel.

@@ -1,0 +1,237 @@
+"""Benchmark of the DGH generation engine (issue 3). Every figure is a ratio measured in the same run.
+
+Each measurement runs in its own subprocess (clean peak-RSS, no shared caches):
+
+1. throughput (images x iterations / s) of ``generate_images`` (speed=exact, speed=fast, fast+bf16 autocast)
+   against a bare forward+backward of the same model, batch and image size (the hooks/pipeline/loss overhead);
+2. peak memory at N=64 vs N=1024 with the same batch size (peak RSS above the post-setup RSS; the image storage,
+   i.e. canvases + gradients + 2 RAdam moments = 4 x N x 3 x (H+p) x (W+p) x 4 bytes, is reported separately);
+3. side by side with Sony MCT's reference implementation
+   (``mct.data_generation.pytorch_data_generation_experimental``, the ``bench`` extra) at equal N, iterations, batch
+   size and image size: wall-time ratio, peak-memory ratio, and the dataset-level BN distance of both outputs
+   (:func:`dgh.generation.bn_distance`, paper settings lambda_sigma 10).
+
+Usage (2 CPU cores shared with others: timings are noisy, ratios are taken within one run)::
+
+    python benchmarks/generation.py --weights ../shared/assets/cifar10/models/resnet20-12fca82f.th \
+        --n-images 256 --iters 200 --batch-size 64 [--mct-python /path/to/python/with/mct] [--skip-memory]
+
+``--mct-python`` is a Python interpreter that can import both ``dgh`` and ``model_compression_toolkit``
+(default: this one). MCT's settings other than N, iterations, batch size, image size and extra pixels (= p) are
+its defaults (lambda_sigma 1, -range output loss x 1e-5, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def worker_dgh(a: argparse.Namespace) -> dict:
+    import torch
+
+    from dgh.generation import GenerationConfig, generate_images
+    from dgh.models.registry import load_model
+
+    torch.set_num_threads(a.threads)
+    loaded = load_model(a.model, a.weights)
+    cfg = GenerationConfig.for_method(
+        "dgh", n_images=a.n_images, iterations=a.iters, batch_size=a.batch_size, seed=0, speed=a.speed,
+        amp="on" if a.bf16 else "off", checkpoint_every=0,
+    )
+    base = _rss_mb()
+    t = time.perf_counter()
+    res = generate_images(loaded, cfg, progress=False, device="cpu")
+    wall = time.perf_counter() - t
+    torch.save(res.images_nchw, a.out_images)
+    return {"wall_s": wall, "peak_mb": _peak_mb(), "base_mb": base, "bn_distance_self": res.loss_terms["bn_distance"]}
+
+
+def worker_bare(a: argparse.Namespace) -> dict:
+    """Bare forward + backward to the images (frozen weights), same batch/image size, same number of steps."""
+    import torch
+
+    from dgh.models.registry import load_model
+
+    torch.set_num_threads(a.threads)
+    loaded = load_model(a.model, a.weights)
+    h, w = loaded.spec.input_size
+    n_batches = -(-a.n_images // a.batch_size)
+    x = torch.randn(a.batch_size, 3, h, w, requires_grad=True)
+    steps = n_batches * a.iters
+    t = time.perf_counter()
+    for _ in range(steps):
+        x.grad = None
+        loaded.model(x).float().sum().backward()
+    return {"wall_s": time.perf_counter() - t, "peak_mb": _peak_mb()}
+
+
+def worker_mct(a: argparse.Namespace) -> dict:
+    import torch
+
+    import model_compression_toolkit as mct
+    from dgh.models.registry import load_model
+
+    torch.set_num_threads(a.threads)
+    loaded = load_model(a.model, a.weights)
+    cfg = mct.data_generation.get_pytorch_data_generation_config(
+        n_iter=a.iters, data_gen_batch_size=a.batch_size, extra_pixels=loaded.spec.pad
+    )
+    base = _rss_mb()
+    t = time.perf_counter()
+    imgs = mct.data_generation.pytorch_data_generation_experimental(
+        model=loaded.model, n_images=a.n_images, output_image_size=tuple(loaded.spec.input_size),
+        data_generation_config=cfg,
+    )
+    wall = time.perf_counter() - t
+    torch.save(torch.cat([i.float().cpu() for i in imgs]), a.out_images)
+    return {"wall_s": wall, "peak_mb": _peak_mb(), "base_mb": base, "mct_version": mct.__version__}
+
+
+def worker_mem(a: argparse.Namespace) -> dict:
+    """Peak RSS of a short DGH run at N images (memory does not depend on the iteration count)."""
+    import torch
+
+    from dgh.generation import GenerationConfig, generate_images
+    from dgh.models.registry import load_model
+
+    torch.set_num_threads(a.threads)
+    loaded = load_model(a.model, a.weights)
+    cfg = GenerationConfig.for_method(
+        "dgh", n_images=a.n_images, iterations=a.iters, batch_size=a.batch_size, seed=0, checkpoint_every=0,
+        speed=a.speed,
+    )
+    torch.ones(1).sum()  # allocator warm-up
+    base = _rss_mb()
+    generate_images(loaded, cfg, progress=False, device="cpu")
+    h, w = loaded.spec.input_size
+    p = loaded.spec.pad
+    storage_mb = 4 * a.n_images * 3 * (h + p) * (w + p) * 4 / 2**20
+    return {"peak_mb": _peak_mb(), "base_mb": base, "image_storage_mb": storage_mb}
+
+
+WORKERS = {"dgh": worker_dgh, "bare": worker_bare, "mct": worker_mct, "mem": worker_mem}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _run(kind: str, args: argparse.Namespace, python: str | None = None, **over) -> dict:
+    with tempfile.TemporaryDirectory(prefix="dgh-bench-") as tmp:
+        out_json = Path(tmp) / "r.json"
+        cli = [
+            python or sys.executable, __file__, "--worker", kind, "--model", args.model, "--weights", str(args.weights),
+            "--n-images", str(over.get("n_images", args.n_images)), "--iters", str(over.get("iters", args.iters)),
+            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--speed", over.get("speed", "exact"),
+            "--out-json", str(out_json), "--out-images", str(Path(tmp) / "images.pt"),
+        ] + (["--bf16"] if over.get("bf16") else [])
+        env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        proc = subprocess.run(cli, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise SystemExit(f"benchmark worker {kind} failed: {' | '.join(tail)}")
+        result = json.loads(out_json.read_text())
+        img = Path(tmp) / "images.pt"
+        if img.exists():
+            import torch
+
+            result["images"] = torch.load(img, weights_only=True)
+        return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20_cifar10")
+    ap.add_argument("--weights", default=str(REPO.parent / "shared/assets/cifar10/models/resnet20-12fca82f.th"))
+    ap.add_argument("--n-images", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed", default="exact")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--mct-python", default=None)
+    ap.add_argument("--skip-mct", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--worker", choices=sorted(WORKERS))
+    ap.add_argument("--out-json")
+    ap.add_argument("--out-images")
+    a = ap.parse_args()
+    if a.worker:
+        from dgh.env import configure_offline
+
+        configure_offline()
+        Path(a.out_json).write_text(json.dumps(WORKERS[a.worker](a)))
+        return
+
+    import torch
+
+    from dgh.generation import bn_distance
+    from dgh.models.registry import load_model
+
+    loaded = load_model(a.model, a.weights)
+    work = a.n_images * a.iters
+    print(f"# {a.model}: N={a.n_images}, iterations={a.iters}, batch={a.batch_size}, threads={a.threads}")
+    runs = {
+        "bare fwd+bwd": _run("bare", a),
+        "dgh exact": _run("dgh", a, speed="exact"),
+        "dgh fast": _run("dgh", a, speed="fast"),
+        "dgh fast+bf16": _run("dgh", a, speed="fast", bf16=True),
+    }
+    if not a.skip_mct:
+        runs["mct"] = _run("mct", a, python=a.mct_python)
+    bare = runs["bare fwd+bwd"]["wall_s"]
+    print("\n## throughput (images x iterations / s) and ratios")
+    print("| run | wall s | img*it/s | vs bare fwd+bwd | speed-up vs MCT | peak RSS MB | BN distance |")
+    print("|---|---|---|---|---|---|---|")
+    mct_wall = runs.get("mct", {}).get("wall_s")
+    for name, r in runs.items():
+        dist = bn_distance(loaded.model, r["images"], spec=loaded.spec) if "images" in r else float("nan")
+        r["bn_distance"] = dist
+        speedup = f"{mct_wall / r['wall_s']:.2f}x" if mct_wall else "-"
+        print(
+            f"| {name} | {r['wall_s']:.1f} | {work / r['wall_s']:.0f} | {bare / r['wall_s']:.2f} | {speedup} | "
+            f"{r['peak_mb']:.0f} | {dist:.4f} |"
+        )
+    if "mct" in runs:
+        d, m = runs["dgh exact"], runs["mct"]
+        print(
+            f"\nMCT side by side (dgh exact / MCT {m.get('mct_version')}): wall-time ratio {d['wall_s'] / m['wall_s']:.3f}, "
+            f"peak-RSS ratio {d['peak_mb'] / m['peak_mb']:.3f} (above each process's post-load RSS: "
+            f"{(d['peak_mb'] - d['base_mb']):.0f} vs {(m['peak_mb'] - m['base_mb']):.0f} MB), "
+            f"BN distance {d['bn_distance']:.4f} vs {m['bn_distance']:.4f}"
+        )
+    if not a.skip_memory:
+        print("\n## peak memory vs N (same batch size, 2 iterations)")
+        mem = {n: _run("mem", a, n_images=n, iters=2) for n in (64, 1024)}
+        for n, r in mem.items():
+            above = r["peak_mb"] - r["base_mb"]
+            print(f"N={n}: peak RSS {r['peak_mb']:.0f} MB, above setup {above:.0f} MB, image storage {r['image_storage_mb']:.1f} MB, "
+                  f"rest {above - r['image_storage_mb']:.0f} MB")
+        r64, r1k = mem[64], mem[1024]
+        rest64 = r64["peak_mb"] - r64["base_mb"] - r64["image_storage_mb"]
+        rest1k = r1k["peak_mb"] - r1k["base_mb"] - r1k["image_storage_mb"]
+        print(f"ratio N=1024 / N=64: peak RSS {r1k['peak_mb'] / r64['peak_mb']:.3f}; "
+              f"non-image part {rest1k / max(rest64, 1e-9):.3f}")
+    del torch
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Configuration of the generation engine: one pydantic model, an enum for every choice.
+
+Every switch of ``../shared/docs/method.md`` sections 1-4 is a field here, so that the paper's ablation (each gap's
+fix on/off) is a parameter edit. :meth:`GenerationConfig.for_method` builds the named presets:
+
+- ``dgh``: every DGH fix on (global statistics, image pipeline, output stretching loss with last-BN hinges);
+- ``batch-bns``: GENIE / DeepInversion style batch-wise statistics, no augmentation mimicry, no output loss;
+- ``image-bns``: ZeroQ style image-wise statistics, no augmentation mimicry, no output loss;
+- ``noise``: i.i.d. N(0, 1) pixels in normalized space clipped to the valid pixel range, no optimization.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GenerationConfigError(ValueError):
+    """A generation setting is invalid or does not fit the model. The message is one line."""
+
+
+class Method(str, Enum):
+    """Named presets (method.md, "Methods")."""
+
+    DGH = "dgh"
+    BATCH_BNS = "batch-bns"
+    IMAGE_BNS = "image-bns"
+    NOISE = "noise"
+
+
+class Statistics(str, Enum):
+    """Over which images the BN-input statistics are matched (method.md section 1).
+
+    ``all``: the whole generated set jointly (DGH, memory-bounded moment cache);
+    ``batch``: the active batch only (GENIE / DeepInversion); ``image``: each image alone, losses averaged (ZeroQ).
+    """
+
+    ALL = "all"
+    BATCH = "batch"
+    IMAGE = "image"
+
+
+class OutputLoss(str, Enum):
+    """Output distribution stretching loss form (method.md section 3).
+
+    ``paper``: -range + last-BN mean/std hinges (ssi-research/DGH); ``mct``: -range only (Sony MCT); ``none``.
+    """
+
+    PAPER = "paper"
+    MCT = "mct"
+    NONE = "none"
+
+
+class LastBN(str, Enum):
+    """Which BN layer(s) the paper-form hinges of the output loss constrain.
+
+    ``feeding`` (default): for every model output, the last BN layer (in call order) inside the module that
+    produces the input of that output layer; for a classifier this is the single last BN, for a multi-level
+    detector head one BN per level (the BN that ends each level's neck branch), because each level's output range is
+    governed by its own branch. Falls back to ``last`` when no such producer is found.
+    ``last``: the single BN layer called last in the forward pass (for YOLO: the P5 branch only).
+    """
+
+    FEEDING = "feeding"
+    LAST = "last"
+
+
+class AugmentDraw(str, Enum):
+    """Random flip / crop draws: ``batch`` (one draw per batch step, paper code) or ``image`` (one per image)."""
+
+    BATCH = "batch"
+    IMAGE = "image"
+
+
+class Speed(str, Enum):
+    """``exact``: after each step the batch's cached moments are refreshed by a no-grad forward of its final view
+    (method.md section 1). ``fast``: that refresh forward is skipped; the cache takes the (detached) moments of the
+    training view just computed, one step stale. Saves one forward per step (see benchmarks/generation.py)."""
+
+    EXACT = "exact"
+    FAST = "fast"
+
+
+class Amp(str, Enum):
+    """Mixed precision: ``auto`` = fp16 autocast + gradient scaler on CUDA, fp32 on CPU; ``on``; ``off``."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class GenerationConfig(BaseModel):
+    """Every setting of one generation run. Defaults are the paper code's (method.md "Defaults").
+
+    Attributes:
+        method: the preset this config was built from (recorded in meta.json; ``noise`` skips optimization).
+        n_images: N, number of images to generate (>= 1).
+        iterations: n_iter; one iteration = one pass over all batches in a fresh random order.
+        batch_size: n, a memory knob; the last batch may be smaller (batches are weighted by size).
+        seed: seeds the initialization, batch order and augmentation draws.
+        lr: RAdam learning rate (paper: 16), in normalized-pixel units per step.
+        statistics: see :class:`Statistics`.
+        lambda_sigma: weight of the std term in L_BN (paper 10, MCT 1).
+        bn_std_eps: target std is ``sqrt(running_var + bn_std_eps)``; also added to the generated variance
+            (paper 1e-6; MCT 0).
+        input_pseudo_layer: include layer 0 (the input image) in L_BN.
+        output_loss: see :class:`OutputLoss`.
+        output_loss_weight: lambda_out; ``None`` takes the model registry's default (``ModelSpec.output_loss_weight``).
+        hinge_margin: margin of the last-BN hinge penalties (paper 0.5).
+        last_bn: see :class:`LastBN`.
+        canvas_pad: p in pixels, the canvas is (H+p, W+p); ``None`` takes ``ModelSpec.pad``; 0 = no canvas.
+        flip, smoothing, random_crop, clamp: image-pipeline parts (method.md section 2), each switchable.
+        smoothing_sigma: sigma of the 3x3 Gaussian kernel (paper 1.25).
+        augment_draw: see :class:`AugmentDraw`.
+        lr_schedule: reduce-on-plateau-with-reset per batch (method.md section 4); off = constant lr.
+        plateau_factor, plateau_threshold, min_lr: scheduler settings (0.5, relative 1e-4, 1e-4).
+        plateau_patience: bad iterations tolerated before a reduction; ``None`` = max(1, iterations // 50).
+        speed: see :class:`Speed`.
+        amp: see :class:`Amp`.
+        checkpoint_every: K; with an ``out_dir``, a resumable checkpoint is written every K iterations (0 = never).
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_assignment=True)
+
+    method: Method = Method.DGH
+    n_images: int = Field(1024, ge=1)
+    iterations: int = Field(1000, ge=0)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+    lr: float = Field(16.0, gt=0)
+    statistics: Statistics = Statistics.ALL
+    lambda_sigma: float = Field(10.0, ge=0)
+    bn_std_eps: float = Field(1e-6, ge=0)
+    input_pseudo_layer: bool = True
+    output_loss: OutputLoss = OutputLoss.PAPER
+    output_loss_weight: float | None = Field(None, ge=0)
+    hinge_margin: float = Field(0.5, ge=0)
+    last_bn: LastBN = LastBN.FEEDING
+    canvas_pad: int | None = Field(None, ge=0)
+    flip: bool = True
+    smoothing: bool = True
+    smoothing_sigma: float = Field(1.25, gt=0)
+    random_crop: bool = True
+    clamp: bool = True
+    augment_draw: AugmentDraw = AugmentDraw.BATCH
+    lr_schedule: bool = True
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_threshold: float = Field(1e-4, ge=0)
+    plateau_patience: int | None = Field(None, ge=0)
+    min_lr: float = Field(1e-4, ge=0)
+    speed: Speed = Speed.EXACT
+    amp: Amp = Amp.AUTO
+    checkpoint_every: int = Field(50, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationConfig:
+        if self.min_lr > self.lr:
+            raise GenerationConfigError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+        return self
+
+    @classmethod
+    def for_method(cls, method: Method | str, **overrides: Any) -> GenerationConfig:
+        """The preset of ``method`` (dgh | batch-bns | image-bns | noise), with ``overrides`` applied on top.
+
+        Overrides whose value is ``None`` are ignored, so CLI options left unset keep the preset's value
+        (use ``canvas_pad``/``output_loss_weight`` without an override to take the registry default).
+
+        Raises:
+            GenerationConfigError: unknown method or invalid override.
+        """
+        try:
+            method = Method(method)
+        except ValueError:
+            names = ", ".join(m.value for m in Method)
+            raise GenerationConfigError(f"unknown generation method {method!r}; choose one of {names}") from None
+        preset: dict[str, Any] = {"method": method}
+        if method in (Method.BATCH_BNS, Method.IMAGE_BNS):
+            preset.update(
+                statistics=Statistics.BATCH if method is Method.BATCH_BNS else Statistics.IMAGE,
+                output_loss=OutputLoss.NONE,
+                canvas_pad=0,
+                flip=False,
+                smoothing=False,
+                random_crop=False,
+                clamp=False,
+            )
+        preset.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(preset) - set(cls.model_fields))
+        if unknown:
+            raise GenerationConfigError(f"unknown generation setting(s): {', '.join(unknown)}")
+        try:
+            return cls(**preset)
+        except GenerationConfigError:
+            raise
+        except ValueError as exc:  # pydantic.ValidationError
+            first = str(exc).replace("\n", " ")[:300]
+            raise GenerationConfigError(f"invalid generation setting: {first}") from None

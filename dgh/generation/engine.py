@@ -1,0 +1,512 @@
+"""The generation loop (method.md sections 1-4) and the dataset-level BN distance.
+
+One run: N canvases split into B fixed batches; one RAdam (lr 16) and one reduce-on-plateau-with-reset scheduler per
+batch; an iteration is a pass over all batches in a fresh random order; fp32 on CPU, fp16 autocast + gradient
+scaler on CUDA; every random draw comes from one seeded CPU ``torch.Generator`` so runs are reproducible and a
+checkpoint (every K iterations, atomic, with that generator's state) resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dgh.env import resolve_device
+from dgh.generation.bn_stats import (
+    MomentRecorder,
+    bn_targets,
+    dataset_moments,
+    find_bn_layers,
+    global_moments,
+    image_moments,
+)
+from dgh.generation.config import (
+    Amp,
+    GenerationConfig,
+    GenerationConfigError,
+    Method,
+    OutputLoss,
+    Speed,
+    Statistics,
+)
+from dgh.generation.losses import bn_alignment_loss, output_stretching_loss, std_from_moments
+from dgh.generation.output import CHECKPOINT_FILE, library_versions, write_outputs
+from dgh.generation.pipeline import ImagePipeline, batch_slices, init_canvases
+from dgh.generation.scheduler import ReduceOnPlateauWithReset
+from dgh.generation.targets import find_last_bns, flatten_outputs, input_target
+from dgh.io import save_torch
+from dgh.models.spec import LoadedModel, ModelSpec
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+class GenerationError(ValueError):
+    """A run cannot continue (diverged loss, unusable checkpoint). The message is one line."""
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate_images` returns.
+
+    Attributes:
+        images_nchw: float32 ``(N, 3, H, W)`` final views, model-normalized space, CPU.
+        loss_terms: final loss terms: ``loss``, ``bn``, ``out`` (means over the last iteration's batches, with the
+            training view) and ``bn_distance`` (dataset-level L_BN of the final images, :func:`bn_distance`).
+        meta: everything written to meta.json.
+        history: one dict per iteration (``iteration``, ``loss``, ``bn``, ``out``, ``lr``).
+        out_dir: where the outputs were written, if anywhere.
+    """
+
+    images_nchw: torch.Tensor
+    loss_terms: dict[str, float]
+    meta: dict
+    history: list[dict[str, float]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        p = next(iter(model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def bn_distance(
+    model: nn.Module,
+    images_nchw: torch.Tensor,
+    *,
+    spec: ModelSpec | None = None,
+    lambda_sigma: float = 10.0,
+    std_eps: float = 1e-6,
+    input_pseudo_layer: bool = True,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> float:
+    """Dataset-level L_BN (method.md section 3) of a whole image set: the statistics of every BN input are taken
+    over all N images at once (float64 accumulation, no augmentation, eval-mode model), then compared with the
+    running statistics. Lower = closer to the training data as the BN layers saw it.
+
+    Args:
+        model: float model with BN layers, eval mode.
+        images_nchw: ``(N, 3, H, W)`` float, the model's normalized input space.
+        spec: selects the input pseudo-layer target (:func:`dgh.generation.targets.input_target`); None = 0/1.
+        lambda_sigma, std_eps, input_pseudo_layer: as in :class:`GenerationConfig` (paper defaults).
+        batch_size: images per forward (memory only; the result does not depend on it beyond float rounding).
+        device: defaults to the model's device.
+
+    Returns:
+        L_BN as a python float.
+
+    Raises:
+        NoBatchNormError: the model has no BN layer.
+        ValueError: ``images_nchw`` is not a non-empty (N, 3, H, W) tensor.
+    """
+    if not isinstance(images_nchw, torch.Tensor) or images_nchw.ndim != 4 or images_nchw.shape[0] == 0:
+        shape = tuple(images_nchw.shape) if isinstance(images_nchw, torch.Tensor) else type(images_nchw).__name__
+        raise ValueError(f"bn_distance needs a non-empty (N, 3, H, W) tensor, got {shape}")
+    layers = find_bn_layers(model)
+    dev = resolve_device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        means, seconds, in_m, in_s = dataset_moments(model, images_nchw, layers, batch_size, dev)
+    finally:
+        model.train(was_training)
+    targets = bn_targets(layers, std_eps, torch.device("cpu"))
+    mus = [m for m in means]
+    stds = [std_from_moments(m, s, std_eps) for m, s in zip(means, seconds)]
+    tg = [type(t)(t.name, t.mean.double(), t.std.double()) for t in targets]
+    if input_pseudo_layer:
+        it = input_target(spec, std_eps)
+        mus.append(in_m)
+        stds.append(std_from_moments(in_m, in_s, std_eps))
+        tg.append(type(it)(it.name, it.mean.double(), it.std.double()))
+    return float(bn_alignment_loss(mus, stds, tg, lambda_sigma))
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint holds besides the config."""
+
+    canvases: list[torch.Tensor]
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[ReduceOnPlateauWithReset | None]
+    scalers: list[torch.amp.GradScaler | None]
+    cache_m: list[torch.Tensor]  # per layer (B, C_l); the input pseudo-layer last
+    cache_s: list[torch.Tensor]
+    generator: torch.Generator
+    iteration: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
+    d = config.model_dump(mode="json")
+    d["canvas_pad"] = spec.pad if config.canvas_pad is None else config.canvas_pad
+    d["output_loss_weight"] = (
+        spec.output_loss_weight if config.output_loss_weight is None else config.output_loss_weight
+    )
+    d["plateau_patience"] = (
+        max(1, config.iterations // 50) if config.plateau_patience is None else config.plateau_patience
+    )
+    return d
+
+
+class _Run:
+    """One generation run's fixed context (model, pipeline, targets) and its step functions."""
+
+    def __init__(self, loaded: LoadedModel, config: GenerationConfig, device: torch.device) -> None:
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.model = loaded.model
+        self.config = config
+        self.device = device
+        self.settings = _resolved_config_dict(config, self.spec)
+        self.layers = find_bn_layers(self.model)
+        self.recorder = MomentRecorder(self.layers)
+        self.targets = bn_targets(self.layers, config.bn_std_eps, device)
+        it = input_target(self.spec, config.bn_std_eps)
+        self.input_tgt = type(it)(it.name, it.mean.to(device), it.std.to(device))
+        lo, hi = self.spec.pixel_range()
+        self.lo, self.hi = lo.to(device), hi.to(device)
+        self.pipeline = ImagePipeline(
+            out_hw=tuple(self.spec.input_size),
+            pad=self.settings["canvas_pad"],
+            lo=self.lo,
+            hi=self.hi,
+            flip=config.flip,
+            smoothing=config.smoothing,
+            random_crop=config.random_crop,
+            clamp=config.clamp,
+            per_image=config.augment_draw.value == "image",
+            sigma=config.smoothing_sigma,
+        )
+        self.use_amp = device.type == "cuda" if config.amp is Amp.AUTO else config.amp is Amp.ON
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.lambda_out = float(self.settings["output_loss_weight"])
+        self.slices = batch_slices(config.n_images, config.batch_size)
+        sizes = torch.tensor([s.stop - s.start for s in self.slices], dtype=torch.float32)
+        self.weights = (sizes / sizes.sum()).to(device)
+        self.last_bns: list[int] = []
+
+    def check_input_and_find_last_bns(self) -> None:
+        """One forward of one final-view image: a clear error if the model cannot take the input size, the hinge
+        layers for the paper-form output loss, and all BN layers called."""
+        h, w = self.spec.input_size
+        sample = torch.zeros(1, 3, h, w, device=self.device)
+        try:
+            with self.recorder.active():
+                with torch.no_grad():
+                    self.model(sample)
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise GenerationConfigError(
+                f"{self.spec.name} cannot take a {h}x{w} input (check --imgsz / the model's input size): {first}"
+            ) from None
+        self.recorder.check_complete()
+        if self.config.output_loss is OutputLoss.PAPER and self.lambda_out > 0:
+            self.last_bns = find_last_bns(self.model, sample, self.layers, self.config.last_bn)
+
+    def forward_moments(self, view_nchw: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
+        """Model forward of a view; returns (outputs, per-layer per-image moments incl. the input last)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            with self.recorder.active():
+                out = self.model(view_nchw)
+        moments = list(self.recorder.moments) + [image_moments(view_nchw)]
+        return flatten_outputs(out), moments
+
+    @torch.no_grad()
+    def batch_moments(self, canvas_nchw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Batch moments ``(C_l,)`` of every layer (input last) on the final view, no gradient."""
+        _, moments = self.forward_moments(self.pipeline.final_view(canvas_nchw))
+        return [m.mean(0) for m, _ in moments], [s.mean(0) for _, s in moments]
+
+    def loss(self, b: int, state: _State, outputs: list[torch.Tensor], moments: list[tuple]) -> dict[str, torch.Tensor]:
+        """Total loss of batch ``b`` and its terms (scalars, float32)."""
+        cfg = self.config
+        targets = self.targets + ([self.input_tgt] if cfg.input_pseudo_layer else [])
+        mus, stds = [], []
+        n_layers = len(self.layers) + (1 if cfg.input_pseudo_layer else 0)
+        for i in range(n_layers):
+            j = i if i < len(self.layers) else len(moments) - 1  # the input's moments are last
+            m_img, s_img = moments[j]
+            if cfg.statistics is Statistics.IMAGE:
+                mu, sec = m_img, s_img
+            elif cfg.statistics is Statistics.BATCH:
+                mu, sec = m_img.mean(0), s_img.mean(0)
+            else:
+                mu, sec = global_moments(state.cache_m[j], state.cache_s[j], self.weights, b, m_img.mean(0), s_img.mean(0))
+            mus.append(mu)
+            stds.append(std_from_moments(mu, sec, cfg.bn_std_eps))
+        l_bn = bn_alignment_loss(mus, stds, targets, cfg.lambda_sigma)
+        terms = {"bn": l_bn}
+        if cfg.output_loss is not OutputLoss.NONE and self.lambda_out > 0:
+            hinge_m = [moments[j] for j in self.last_bns] if cfg.output_loss is OutputLoss.PAPER else []
+            hinge_t = [self.targets[j] for j in self.last_bns] if cfg.output_loss is OutputLoss.PAPER else []
+            l_out = output_stretching_loss(outputs, hinge_m, hinge_t, cfg.hinge_margin, cfg.bn_std_eps)
+            terms["out"] = l_out
+            terms["loss"] = l_bn + self.lambda_out * l_out
+        else:
+            terms["out"] = torch.zeros((), device=l_bn.device)
+            terms["loss"] = l_bn
+        return terms
+
+    def new_state(self) -> _State:
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed)
+        canvases_all = init_canvases(cfg.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+        canvases = [canvases_all[s].clone().to(self.device).requires_grad_(True) for s in self.slices]
+        state = _State(canvases, [], [], [], [], [], gen)
+        self._build_optimizers(state)
+        n_entries = len(self.layers) + 1
+        cache_m: list[list[torch.Tensor]] = [[] for _ in range(n_entries)]
+        cache_s: list[list[torch.Tensor]] = [[] for _ in range(n_entries)]
+        if cfg.statistics is Statistics.ALL:
+            for canvas in state.canvases:
+                ms, ss = self.batch_moments(canvas)
+                for j in range(n_entries):
+                    cache_m[j].append(ms[j])
+                    cache_s[j].append(ss[j])
+            state.cache_m = [torch.stack(c) for c in cache_m]
+            state.cache_s = [torch.stack(c) for c in cache_s]
+        return state
+
+    def _build_optimizers(self, state: _State) -> None:
+        cfg = self.config
+        state.optimizers = [torch.optim.RAdam([c], lr=cfg.lr) for c in state.canvases]
+        state.schedulers = [
+            ReduceOnPlateauWithReset(
+                opt, cfg.plateau_factor, self.settings["plateau_patience"], cfg.plateau_threshold, cfg.min_lr
+            )
+            if cfg.lr_schedule
+            else None
+            for opt in state.optimizers
+        ]
+        use_scaler = self.use_amp and self.device.type == "cuda"
+        state.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in state.optimizers]
+
+    def step(self, b: int, state: _State) -> dict[str, float]:
+        """One optimization step of batch ``b`` (training view, loss, backward, RAdam, scheduler, cache refresh)."""
+        canvas, opt, sched, scaler = state.canvases[b], state.optimizers[b], state.schedulers[b], state.scalers[b]
+        view = self.pipeline.train_view(canvas, state.generator)
+        outputs, moments = self.forward_moments(view)
+        terms = self.loss(b, state, outputs, moments)
+        loss_value = float(terms["loss"].detach())
+        if not math.isfinite(loss_value):
+            raise GenerationError(
+                f"loss became {loss_value} at iteration {state.iteration + 1}, batch {b} (lr {opt.param_groups[0]['lr']:g});"
+                " the run stopped; lower the lr or the output-loss weight, the last checkpoint (if any) is kept"
+            )
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            terms["loss"].backward()
+            opt.step()
+        if sched is not None:
+            sched.step(loss_value)
+        if self.config.statistics is Statistics.ALL:
+            if self.config.speed is Speed.EXACT:
+                ms, ss = self.batch_moments(canvas.detach())
+            else:
+                ms = [m.detach().mean(0) for m, _ in moments]
+                ss = [s.detach().mean(0) for _, s in moments]
+            for j in range(len(ms)):
+                state.cache_m[j][b] = ms[j]
+                state.cache_s[j][b] = ss[j]
+        return {"loss": loss_value, "bn": float(terms["bn"].detach()), "out": float(terms["out"].detach())}
+
+    def final_images(self, state: _State) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.pipeline.final_view(c.detach()).float().cpu() for c in state.canvases])
+
+    # --- checkpointing -------------------------------------------------------------------------------------------
+    def checkpoint_dict(self, state: _State) -> dict:
+        return {
+            "format": "dgh-generation-checkpoint-v1",
+            "model": self.spec.name,
+            "settings": self.settings,
+            "iteration": state.iteration,
+            "canvases": [c.detach().cpu() for c in state.canvases],
+            "optimizers": [o.state_dict() for o in state.optimizers],
+            "schedulers": [s.state_dict() if s is not None else None for s in state.schedulers],
+            "scalers": [s.state_dict() if s is not None else None for s in state.scalers],
+            "cache_m": [c.cpu() for c in state.cache_m],
+            "cache_s": [c.cpu() for c in state.cache_s],
+            "generator": state.generator.get_state(),
+            "history": state.history,
+            "elapsed_s": state.elapsed_s,
+        }
+
+    def load_state(self, ckpt: dict, path: Path) -> _State:
+        if ckpt.get("format") != "dgh-generation-checkpoint-v1":
+            raise GenerationError(f"{path} is not a dgh generation checkpoint; delete it or run without --resume")
+        mine = {k: v for k, v in self.settings.items() if k != "checkpoint_every"}
+        theirs = {k: v for k, v in ckpt["settings"].items() if k != "checkpoint_every"}
+        if ckpt.get("model") != self.spec.name or mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            what = ", ".join(diff) if diff else f"model {ckpt.get('model')!r}"
+            raise GenerationError(
+                f"{path} was written with different settings ({what}); resume with the same settings or delete it"
+            )
+        gen = torch.Generator()
+        gen.set_state(ckpt["generator"])
+        canvases = [c.to(self.device).requires_grad_(True) for c in ckpt["canvases"]]
+        state = _State(canvases, [], [], [], [], [], gen, ckpt["iteration"], list(ckpt["history"]), ckpt["elapsed_s"])
+        self._build_optimizers(state)
+        for obj, sd in zip(state.optimizers, ckpt["optimizers"]):
+            obj.load_state_dict(sd)
+        for obj, sd in zip(state.schedulers, ckpt["schedulers"]):
+            if obj is not None and sd is not None:
+                obj.load_state_dict(sd)
+        for obj, sd in zip(state.scalers, ckpt["scalers"]):
+            if obj is not None and sd is not None:
+                obj.load_state_dict(sd)
+        state.cache_m = [c.to(self.device) for c in ckpt["cache_m"]]
+        state.cache_s = [c.to(self.device) for c in ckpt["cache_s"]]
+        return state
+
+
+def _noise_images(loaded: LoadedModel, config: GenerationConfig) -> torch.Tensor:
+    """The ``noise`` baseline: N(0, 1) in normalized space clipped to the valid pixel range, ``(N, 3, H, W)``."""
+    lo, hi = loaded.spec.pixel_range()
+    gen = torch.Generator().manual_seed(config.seed)
+    return init_canvases(config.n_images, tuple(loaded.spec.input_size), lo, hi, gen)
+
+
+def generate_images(
+    loaded: LoadedModel,
+    config: GenerationConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callback: Callback | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """Generate a calibration set from the float model's BN statistics (DGH, arXiv 2410.22110; method.md 1-4).
+
+    Args:
+        loaded: the float model (must keep its BN layers) and its spec (input size, normalization, pad p, lambda_out).
+        config: all settings (:class:`GenerationConfig`; presets via ``GenerationConfig.for_method``).
+        out_dir: when given, writes ``images.pt``, ``meta.json``, ``preview.png`` there, and ``checkpoint.pt``
+            every ``config.checkpoint_every`` iterations (removed after a successful run).
+        resume: continue from ``out_dir/checkpoint.pt`` if present (bit-for-bit on the same device); otherwise
+            start fresh.
+        callback: ``callback(iteration, metrics)`` after every iteration (1-based) with ``loss``, ``bn``, ``out``
+            (means over the batches of that iteration) and ``lr`` (mean over batches).
+        device: ``None``/"auto" = CUDA if present. The model is moved there for the run and moved back after.
+        progress: tqdm bar over iterations showing the loss.
+
+    Returns:
+        :class:`GenerationResult`; ``images_nchw`` is float32 ``(N, 3, H, W)`` in normalized space.
+
+    Raises:
+        NoBatchNormError: the model has no BN layer (fused?).
+        GenerationConfigError: the model cannot take its input size, or a setting does not fit.
+        GenerationError: the loss became NaN/inf (the last good checkpoint is kept), or a checkpoint does not fit.
+    """
+    if not isinstance(config, GenerationConfig):
+        raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    dev = resolve_device(device)
+    out_path = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out_path / CHECKPOINT_FILE if out_path is not None else None
+    model = loaded.model
+    home = _model_device(model)
+    t0 = time.perf_counter()
+    if config.method is Method.NOISE:
+        images = _noise_images(loaded, config)
+        history: list[dict[str, float]] = []
+        terms: dict[str, float] = {}
+        settings = _resolved_config_dict(config, loaded.spec)
+        elapsed_before = 0.0
+    else:
+        model.eval().to(dev)
+        try:
+            run = _Run(loaded, config, dev)
+            run.check_input_and_find_last_bns()
+            state = None
+            if resume and ckpt_path is not None and ckpt_path.is_file():
+                state = run.load_state(torch.load(ckpt_path, map_location="cpu", weights_only=True), ckpt_path)
+            if state is None:
+                state = run.new_state()
+            elapsed_before = state.elapsed_s
+            t_loop = time.perf_counter()
+            bar = tqdm(
+                total=config.iterations, initial=state.iteration, disable=not progress, desc="generate", unit="it"
+            )
+            try:
+                while state.iteration < config.iterations:
+                    order = torch.randperm(len(state.canvases), generator=state.generator).tolist()
+                    sums = {"loss": 0.0, "bn": 0.0, "out": 0.0}
+                    for b in order:
+                        step_terms = run.step(b, state)
+                        for k in sums:
+                            sums[k] += step_terms[k] / len(order)
+                    state.iteration += 1
+                    lrs = [o.param_groups[0]["lr"] for o in state.optimizers]
+                    metrics = {**sums, "lr": sum(lrs) / len(lrs)}
+                    state.history.append({"iteration": state.iteration, **metrics})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sums['loss']:.4g}", bn=f"{sums['bn']:.4g}")
+                    if callback is not None:
+                        callback(state.iteration, dict(metrics))
+                    every = config.checkpoint_every
+                    if ckpt_path is not None and every > 0 and state.iteration % every == 0:
+                        state.elapsed_s = elapsed_before + time.perf_counter() - t_loop
+                        if state.iteration < config.iterations:
+                            save_torch(run.checkpoint_dict(state), ckpt_path)
+            finally:
+                bar.close()
+            images = run.final_images(state)
+            history = state.history
+            terms = {k: v for k, v in history[-1].items() if k in ("loss", "bn", "out")} if history else {}
+            settings = run.settings
+            terms["bn_distance"] = bn_distance(
+                model,
+                images,
+                spec=loaded.spec,
+                lambda_sigma=config.lambda_sigma,
+                std_eps=config.bn_std_eps,
+                input_pseudo_layer=config.input_pseudo_layer,
+                batch_size=max(config.batch_size, 1),
+                device=dev,
+            )
+            settings["last_bn_layers"] = [run.layers[i][0] for i in run.last_bns]
+            settings["num_bn_layers"] = len(run.layers)
+        finally:
+            model.to(home)
+    if config.method is Method.NOISE:
+        try:
+            terms["bn_distance"] = bn_distance(model, images, spec=loaded.spec, batch_size=config.batch_size)
+        except ValueError:
+            pass  # noise needs no BN layer; the distance is then undefined
+    wall = elapsed_before + time.perf_counter() - t0
+    meta = {
+        "model": loaded.spec.name,
+        "weights": loaded.weights,
+        "task": loaded.spec.task,
+        "method": config.method.value,
+        "seed": config.seed,
+        "settings": settings,
+        "images_shape": list(images.shape),
+        "normalization": {"mean": list(loaded.spec.mean), "std": list(loaded.spec.std)},
+        "final_loss_terms": terms,
+        "wall_time_s": round(wall, 3),
+        "device": str(dev),
+        "amp": bool(config.method is not Method.NOISE and run.use_amp),
+        "versions": library_versions(),
+    }
+    if out_path is not None:
+        write_outputs(out_path, images, meta, loaded.spec)
+        if ckpt_path is not None:
+            ckpt_path.unlink(missing_ok=True)
+    return GenerationResult(images_nchw=images, loss_terms=terms, meta=meta, history=history, out_dir=out_path)

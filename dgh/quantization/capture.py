@@ -1,0 +1,395 @@
+"""Graph coverage without tracing: eager module replacement + a ``TorchFunctionMode`` over functional ops.
+
+How a model is wrapped (:func:`build_quantized_model`):
+
+1. BN is folded into the preceding conv on a deep copy (:mod:`dgh.quantization.fold`).
+2. Every ``Conv1d``/``Conv2d``/``Linear`` is replaced by its quantized subclass (:mod:`dgh.quantization.layers`).
+3. The model is wrapped in :class:`QuantizedModel` (``.model`` is the wrapped network, ``.input_quantizer``
+   quantizes the network input).
+4. Forward pre/post hooks on every module keep a module stack; the first module called (the *entry*: the wrapper
+   for a full forward, or any submodule called on its own) switches on a ``torch.overrides.TorchFunctionMode``
+   for the duration of its call.
+
+Quantization *sites* (tensors that integer hardware materializes), seen by the mode during forward:
+
+- conv/linear outputs (quantizer ``<layer>.output_quantizer``);
+- ``add``/``sub``/``mul``/``div`` of two non-scalar tensors (``+``, ``+=``, ``torch.add`` ...), ``cat``/``stack``,
+  pooling (``max/avg/adaptive`` pools, ``mean`` over dims), ``interpolate``/``Upsample``, functional convs/linears
+  (quantizer ``<owner module>.act_quantizers[<op><k>]``, ``k`` = call index of that op inside one call of the
+  owner; ``@i`` is appended for the i-th repeated call of the owner within one entry call).
+
+A site's output is *pending* until consumed. If the consumer is an activation function (ReLU, ReLU6/hardtanh,
+SiLU, Hardswish, LeakyReLU, GELU, sigmoid, ...) the activation output inherits the pending site, so the quantizer
+acts after the fused conv -> (BN) -> activation, as integer hardware executes it. Any other consumer (including
+reshape/flatten, a following add, the model's return) gets the quantized tensor. On exit of the entry module every
+pending output is quantized; for a full forward those are the model outputs (for detectors each raw per-level head
+output has its own quantizer, never one scale over boxes and scores).
+
+Calling a submodule on its own therefore applies exactly the same quantizers as in the full forward, except that a
+pending output at its boundary is quantized there (in the full forward it might be fused with an activation that
+lies outside the submodule). Activation quantizers live on the module that owns the op, so
+``block.parameters()`` of a block includes its learnable activation scales (BRECQ block reconstruction).
+
+Capture options measured (``benchmarks/quantize.py --capture``; 2-core CPU, torch 2.14.1, random weights;
+"sites" = quantized activation tensors; fx/export count call_function/call_module nodes that are convs, linears,
+adds, cats, pools or upsamples):
+
+- ``torch.fx.symbolic_trace``: works on CIFAR ResNet-20 and torchvision resnet18/resnet50/mobilenet_v2; fails on
+  ultralytics YOLOv8n and classic YOLOv5n (data-dependent control flow in ``DetectionModel._predict_once`` /
+  ``Detect.forward``: iteration over ``m.f`` indices, ``if self.training`` shape checks) -- the MCT failure mode.
+- ``torch.export``: succeeds on the classifiers and on YOLO after several seconds to tens of seconds per model, but
+  yields a flattened ATen graph: the module hierarchy that BRECQ's block-wise reconstruction needs is gone, and
+  calling a block on its own is not possible.
+- eager (this module): succeeds on all four families, keeps the module hierarchy, and wraps in well under a second.
+
+The numbers of the last measurement are in the report of issue 4 and printed by the benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+from dgh.quantization.fold import fold_batch_norms, set_submodule
+from dgh.quantization.layers import QUANT_LAYER_TYPES, to_quant_layer
+from dgh.quantization.quantizers import FakeQuantizer, QuantizerError
+
+# op name (func.__name__) -> canonical site op
+_BINARY = {
+    "add": "add", "add_": "add", "__add__": "add", "__radd__": "add", "__iadd__": "add",
+    "sub": "sub", "sub_": "sub", "__sub__": "sub", "__rsub__": "sub", "__isub__": "sub",
+    "mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul",
+    "div": "div", "div_": "div", "__truediv__": "div", "__itruediv__": "div", "true_divide": "div",
+}
+_SITE_OPS = {
+    "cat": "cat", "concat": "cat", "concatenate": "cat", "stack": "stack",
+    "max_pool1d": "maxpool", "max_pool2d": "maxpool", "_max_pool2d": "maxpool", "max_pool2d_with_indices": "maxpool",
+    "avg_pool1d": "avgpool", "avg_pool2d": "avgpool",
+    "adaptive_avg_pool1d": "avgpool", "adaptive_avg_pool2d": "avgpool",
+    "adaptive_max_pool1d": "maxpool", "adaptive_max_pool2d": "maxpool", "_adaptive_max_pool2d": "maxpool",
+    "interpolate": "upsample", "upsample": "upsample", "upsample_nearest2d": "upsample",
+    "upsample_bilinear2d": "upsample", "mean": "mean",
+    "conv1d": "conv", "conv2d": "conv", "linear": "linear", "matmul": "matmul", "bmm": "matmul",
+    **_BINARY,
+}
+ACTIVATION_OPS = frozenset({
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "hardswish", "hardswish_",
+    "leaky_relu", "leaky_relu_", "gelu", "sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "mish", "elu",
+    "elu_", "tanh", "tanh_", "softplus", "prelu", "celu", "selu",
+})
+# metadata queries never force quantization of a pending tensor
+_PASSTHROUGH = frozenset({
+    "__get__", "__set__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "__len__",
+    "__repr__", "__format__", "__hash__", "is_floating_point", "get_device", "ndimension", "nelement",
+    "requires_grad_", "register_hook", "retain_grad", "__reduce_ex__", "__deepcopy__", "__setstate__",
+})
+
+
+class CaptureError(ValueError):
+    """The model could not be wrapped or run with quantization sites. The message is one line."""
+
+
+@dataclass
+class SiteInfo:
+    """What calibration learned about one activation site (observe phase only)."""
+
+    name: str
+    quantizer: FakeQuantizer
+    order: int
+    producers: list[str] = field(default_factory=list)
+    is_output: bool = False
+
+
+@dataclass
+class _Frame:
+    module: nn.Module
+    path: str
+    invocation: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class _Runtime:
+    """Per-model capture state (not a module, no tensors kept between calls)."""
+
+    def __init__(self) -> None:
+        self.phase = "quantize"  # or "observe"
+        self.observer: Callable[[str, FakeQuantizer, torch.Tensor], None] | None = None
+        self.sites: dict[str, SiteInfo] = {}
+        self.layer_order: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.active = False
+        self.entry: nn.Module | None = None
+        self.mode: _SiteMode | None = None
+        self.stack: list[_Frame] = []
+        self.calls: dict[str, int] = {}
+        self.pending: WeakIdKeyDictionary | None = None
+
+    def __deepcopy__(self, memo):  # a copied model gets a fresh, idle runtime with the same phase
+        new = _Runtime()
+        memo[id(self)] = new
+        new.phase = self.phase
+        return new
+
+    # ------------------------------------------------------------------------------------------ applying
+    def apply(self, name: str, quantizer: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
+        """Quantize (or observe, in the observe phase) tensor ``x`` at site ``name``."""
+        with torch._C.DisableTorchFunction():
+            if self.phase == "observe":
+                if self.observer is not None:
+                    self.observer(name, quantizer, x.detach())
+                return x
+            try:
+                return quantizer(x)
+            except QuantizerError as exc:
+                raise CaptureError(f"site {name}: {exc}") from None
+
+    def resolve(self, t: torch.Tensor) -> torch.Tensor:
+        """The quantized version of ``t`` if it is a pending site output, else ``t``."""
+        entry = self.pending.get(t) if self.pending is not None else None
+        if entry is None:
+            return t
+        if entry[2] is None:
+            entry[2] = self.apply(entry[1], entry[0], t)
+        return entry[2]
+
+    # ------------------------------------------------------------------------------------------- sites
+    def site_quantizer(self, op: str, raw_name: str) -> tuple[FakeQuantizer, str]:
+        frame = self.stack[-1] if self.stack else None
+        owner = frame.module if frame is not None else None
+        if owner is not None and isinstance(owner, QUANT_LAYER_TYPES) and op in ("conv", "linear"):
+            return owner.output_quantizer, frame.path
+        if owner is None or isinstance(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            raise CaptureError(f"functional op {raw_name} called outside a module that can own its quantizer")
+        k = frame.counters.get(op, 0)
+        frame.counters[op] = k + 1
+        key = f"{op}{k}" + (f"@{frame.invocation}" if frame.invocation else "")
+        qdict = getattr(owner, "act_quantizers", None)
+        if qdict is None:
+            qdict = nn.ModuleDict()
+            owner.act_quantizers = qdict
+        if key not in qdict:
+            if self.phase != "observe":
+                raise CaptureError(f"site {frame.path}:{key} was not seen during calibration (data-dependent graph?)")
+            ref = next(iter(owner.parameters()), None)
+            q = FakeQuantizer(role="activation")
+            if ref is not None:
+                q.to(ref.device)
+            qdict[key] = q
+        return qdict[key], f"{frame.path}:{key}"
+
+    def mark(self, out: torch.Tensor, quantizer: FakeQuantizer, name: str, producers: list[str]) -> None:
+        self.pending[out] = [quantizer, name, None]
+        if self.phase == "observe" and name not in self.sites:
+            self.sites[name] = SiteInfo(name, quantizer, len(self.sites), producers)
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def pre_hook(self, module: nn.Module, args):
+        if not self.active:
+            self.active = True
+            self.entry = module
+            self.pending = WeakIdKeyDictionary()
+            self.mode = _SiteMode(self)
+            self.mode.__enter__()
+        path = getattr(module, "_dgh_path", "?")
+        inv = self.calls.get(path, 0)
+        self.calls[path] = inv + 1
+        self.stack.append(_Frame(module, path, inv))
+        if self.phase == "observe" and isinstance(module, QUANT_LAYER_TYPES) and path not in self.layer_order:
+            self.layer_order.append(path)
+        return None
+
+    def post_hook(self, module: nn.Module, args, output):
+        if self.stack and self.stack[-1].module is module:
+            self.stack.pop()
+        if not (self.active and self.entry is module and not self.stack):
+            return None
+        is_root = isinstance(module, QuantizedModel)
+        try:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+            def finish(t: torch.Tensor) -> torch.Tensor:
+                entry = self.pending.get(t)
+                if entry is not None and is_root and self.phase == "observe" and entry[1] in self.sites:
+                    self.sites[entry[1]].is_output = True
+                return self.resolve(t)
+
+            return tree_map_only(torch.Tensor, finish, output)
+        finally:
+            self._reset()
+
+
+def _canonical(name: str) -> str | None:
+    return _SITE_OPS.get(name)
+
+
+def _producers(rt: _Runtime, args, kwargs) -> list[str]:
+    found: list[str] = []
+
+    def visit(t):
+        e = rt.pending.get(t)
+        if e is not None:
+            found.append(e[1])
+        return t
+
+    tree_map_only(torch.Tensor, visit, (args, kwargs))
+    return found
+
+
+class _SiteMode(TorchFunctionMode):
+    """Intercepts every torch function call during an entry module's forward (see the module docstring)."""
+
+    def __init__(self, runtime: _Runtime) -> None:
+        super().__init__()
+        self.rt = runtime
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _PASSTHROUGH:
+            return func(*args, **kwargs)
+        rt = self.rt
+        if name in ACTIVATION_OPS:
+            x = args[0] if args else kwargs.get("input")
+            entry = rt.pending.get(x) if isinstance(x, torch.Tensor) else None
+            if entry is not None and entry[2] is None:
+                out = func(*args, **kwargs)
+                if isinstance(out, torch.Tensor):
+                    rt.pending[out] = [entry[0], entry[1], None]
+                return out
+        op = _canonical(name)
+        producers = _producers(rt, args, kwargs) if (op is not None and rt.phase == "observe") else []
+        args, kwargs = tree_map_only(torch.Tensor, rt.resolve, (args, kwargs))
+        out = func(*args, **kwargs)
+        if op is None or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        if op in ("add", "sub", "mul", "div"):
+            a = args[0] if len(args) > 0 else kwargs.get("input")
+            b = args[1] if len(args) > 1 else kwargs.get("other")
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() > 1 and b.numel() > 1):
+                return out
+        if op == "mean" and out.dim() == 0:
+            return out
+        quantizer, site = rt.site_quantizer(op, name)
+        rt.mark(out, quantizer, site, producers)
+        return out
+
+
+class QuantizedModel(nn.Module):
+    """A fake-quantized network with the float model's forward contract.
+
+    Attributes:
+        model: the wrapped network (BN folded, quantized conv/linear layers; same submodule names as the float model,
+            minus folded BNs that became ``nn.Identity``).
+        input_quantizer: quantizer of the network input (normalized space).
+        folded_pairs: ``[(conv_name, bn_name)]`` folded at build time.
+
+    Forward: ``x`` of the float model's input shape -> the float model's output structure (e.g. logits ``(N, K)`` or
+    a list of raw detection maps), every tensor fake-quantized as described in the module docstring.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.input_quantizer = FakeQuantizer(role="input")
+        self.folded_pairs: list[tuple[str, str]] = []
+        self._dgh_runtime = _Runtime()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        x = self._dgh_runtime.apply("input", self.input_quantizer, x)
+        return self.model(x, *args, **kwargs)
+
+    @property
+    def runtime(self) -> _Runtime:
+        return self._dgh_runtime
+
+
+def iter_quantizers(qmodel: nn.Module):
+    """Yield ``(name, FakeQuantizer)`` for every quantizer in ``qmodel`` (module names, ``named_modules`` order)."""
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, FakeQuantizer):
+            yield name, mod
+
+
+def install_hooks(qmodel: QuantizedModel) -> None:
+    """Set ``_dgh_path`` on every module and register the stack/entry hooks (idempotent per module)."""
+    rt = qmodel.runtime
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, (FakeQuantizer, nn.ModuleDict)) or getattr(mod, "_dgh_hooked", False):
+            continue
+        mod._dgh_path = name
+        mod.register_forward_pre_hook(rt.pre_hook)
+        mod.register_forward_hook(rt.post_hook, always_call=True)
+        mod._dgh_hooked = True
+
+
+def build_quantized_model(model: nn.Module, example_input: torch.Tensor) -> QuantizedModel:
+    """Fold BN (on a deep copy), swap conv/linear for quantized layers, wrap, install hooks.
+
+    Quantizers are not calibrated yet; activation-site quantizers are created by the first observe-phase forward
+    (:func:`discover_sites`).
+
+    Args:
+        model: float ``nn.Module`` in eval mode (left unchanged).
+        example_input: one input batch (NCHW float32, normalized space) for BN pairing.
+
+    Raises:
+        CaptureError / FoldError: the model cannot run on ``example_input``.
+    """
+    folded, pairs = fold_batch_norms(model, example_input)
+    for name, mod in list(folded.named_modules()):
+        if name and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not isinstance(mod, QUANT_LAYER_TYPES):
+            set_submodule(folded, name, to_quant_layer(mod))
+    if isinstance(folded, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        folded = to_quant_layer(folded)
+    qmodel = QuantizedModel(folded)
+    qmodel.folded_pairs = pairs
+    ref = next(iter(folded.parameters()), None)
+    if ref is not None:
+        qmodel.input_quantizer.to(ref.device)
+    install_hooks(qmodel)
+    return qmodel.eval()
+
+
+def discover_sites(
+    qmodel: QuantizedModel,
+    images_nchw: torch.Tensor,
+    observer: Callable[[str, FakeQuantizer, torch.Tensor], None] | None = None,
+) -> dict[str, SiteInfo]:
+    """Run one observe-phase forward (all quantizers transparent): creates missing site quantizers, records sites.
+
+    Returns:
+        ``{site name: SiteInfo}`` in first-seen order, including ``"input"``.
+    """
+    rt = qmodel.runtime
+    rt.phase = "observe"
+    rt.observer = observer
+    saved = {name: q.enabled for name, q in iter_quantizers(qmodel)}
+    for _, q in iter_quantizers(qmodel):
+        q.enabled = False
+    try:
+        with torch.no_grad():
+            qmodel(images_nchw)
+    finally:
+        rt.phase = "quantize"
+        rt.observer = None
+        for name, q in iter_quantizers(qmodel):
+            q.enabled = saved.get(name, True)
+    sites = {"input": SiteInfo("input", qmodel.input_quantizer, -1)}
+    sites.update(rt.sites)
+    install_hooks(qmodel)
+    return sites
+
+
+def copy_quantized(qmodel: QuantizedModel) -> QuantizedModel:
+    """A deep copy with its own runtime and hooks (hooks are bound to the copied runtime)."""
+    return copy.deepcopy(qmodel)

@@ -1,0 +1,528 @@
+"""Reconstruction PTQ: AdaRound (layer by layer) and BRECQ (block by block) on a fake-quantized model.
+
+Sources: AdaRound (Nagel et al., ICML 2020, arXiv 2004.10568) and BRECQ (Li et al., ICLR 2021, arXiv 2102.05426);
+defaults as in the DGH paper code (ssi-research/DGH, built on the BRECQ code): 20,000 iterations per unit, batch 32,
+rounding-regularizer weight 0.01 (0.1 for MobileNetV2), beta 20 -> 2 after a 20 % warm-up, activation step sizes
+learned with Adam at lr 4e-4 (cosine decay), 5,000 iterations.
+
+Algorithm (:func:`reconstruct`), for each reconstruction *unit* in call order:
+
+1. Cache the unit's **input** on the whole calibration set from the quantized model (weights and activations
+   quantized, earlier units already reconstructed: BRECQ's "quantized input"), and its **target** output from the
+   same model with quantization off (BN is folded, so that is the float model's output). Only this unit's tensors are
+   cached: peak memory is one unit's input and output over the calibration set.
+2. Replace each weight quantizer's round-to-nearest in the unit by a learned :class:`AdaRoundWeight` and minimize
+   ``||unit(x_q) - y_fp||^2 + reg_weight * f_reg`` (BRECQ eq. 9) with the activations of the unit quantized and their
+   step sizes learned jointly (LSQ-style, Esser et al. 2020) where the quantizer allows it (not for power-of-two
+   quantizers, whose step must stay 2^k).
+3. Optionally refine the activation step sizes alone with the weights hard-rounded (``act_iters``, paper code).
+4. Write the hard-rounded weight back into the layer's weight tensor. It lies on the quantizer's grid, so the
+   layer's own round-to-nearest reproduces it exactly: ``quantized.pt`` (the state dict) therefore carries the
+   learned rounding, and ``load_quantized`` rebuilds the exact model with no extra field or key (the weight
+   quantizer's scale must be a stored tensor, not recomputed from the weight at load time).
+
+Units (the block partition, :func:`partition_units`):
+
+- ``adaround``: every quantized weight layer (conv / linear) alone.
+- ``brecq``:
+  - residual blocks: modules whose class is ``BasicBlock``, ``Bottleneck`` (CIFAR and torchvision ResNets) or
+    ``InvertedResidual`` (MobileNetV2);
+  - ultralytics / YOLOv5: each top-level layer ``model.model[i]`` (Conv, C3, C2f, SPPF, ...; recognised by the
+    ``f``/``i`` attributes ultralytics sets) is one block; the Detect head is split into its per-level branches
+    (``cv2[i]`` and ``cv3[i]`` for anchor-free heads, the final convs ``m[i]`` for YOLOv5);
+  - every quantized weight layer not inside such a block (the stem conv, the final linear) is its own unit.
+
+A unit must be a module that the model calls once per forward with one tensor, and that returns one tensor.
+
+Interface expected from the quantized model (engineer 3's ``dgh.quantization``), duck-typed here:
+
+- a quantized weight layer is a module with a ``weight`` tensor and a ``weight_quantizer`` exposing ``scale``,
+  ``zero_point``, ``qmin``, ``qmax`` and ``ch_axis``, which its forward calls as ``weight_quantizer(weight)``;
+- ``set_quant_state(qmodel, weights: bool, activations: bool)`` (function in ``dgh.quantization`` or a method of
+  the model);
+- an activation quantizer is any other module with a ``scale`` tensor; a ``scale`` that is an ``nn.Parameter`` (or a
+  buffer, promoted to one) is learned unless the quantizer says ``power_of_two``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from dgh.env import resolve_device
+from dgh.quantization.adaround import (
+    AdaRoundWeight,
+    RoundingOptimization,
+    optimize_rounding,
+    reconstruction_loss,
+)
+
+RESIDUAL_BLOCK_CLASSES = frozenset({"BasicBlock", "Bottleneck", "InvertedResidual"})
+DETECT_HEAD_CLASSES = frozenset({"Detect", "Segment", "Pose", "OBB", "v10Detect", "WorldDetect", "YOLOEDetect"})
+MOBILENET_V2_BLOCK = "InvertedResidual"
+
+
+class ReconstructionError(ValueError):
+    """Bad input to reconstruction (empty calibration set, a model without quantized layers, a unit the model
+    calls more than once...). The message is one line."""
+
+
+class ReconstructionMode(str, enum.Enum):
+    """Granularity of the reconstruction: ``adaround`` = one weight layer at a time, ``brecq`` = one block."""
+
+    ADAROUND = "adaround"
+    BRECQ = "brecq"
+
+
+class ReconstructionConfig(BaseModel):
+    """Settings of :func:`reconstruct`; the defaults are the DGH paper code's (built on the BRECQ code).
+
+    Attributes:
+        mode: ``brecq`` (block reconstruction) or ``adaround`` (layer by layer).
+        iters: rounding-optimization steps per unit (paper: 20,000). Lower it for CPU budgets.
+        batch_size: calibration images per step (32).
+        reg_weight: rounding-regularizer weight; ``None`` = 0.01, or 0.1 when the model has MobileNetV2
+            ``InvertedResidual`` blocks (BRECQ code).
+        lr: Adam learning rate of the rounding logits (1e-3).
+        beta_start, beta_end, warmup: annealing of the regularizer exponent (20 -> 2 after 20 % of ``iters``).
+        learn_act_scales: learn activation step sizes jointly with the rounding (LSQ-style). Power-of-two
+            quantizers keep their step.
+        act_lr: Adam learning rate of the activation step sizes (4e-4, DGH paper code), cosine decay to 0.
+        act_iters: extra steps per unit that refine only the activation step sizes with the weights hard-rounded
+            (paper code: 5,000). 0 disables.
+        cache_batch_size: batch size of the forward passes that cache a unit's inputs and targets.
+        keep_best: if a unit's loss on the calibration set ends above its loss with nearest rounding (possible with
+            very short CPU budgets), restore the unit's nearest rounding and step sizes; the report says so.
+        seed: seeds the batch draws (the result is deterministic for a seed and a device).
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    mode: ReconstructionMode = ReconstructionMode.BRECQ
+    iters: int = Field(20000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    reg_weight: float | None = Field(None, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warmup: float = Field(0.2, ge=0, lt=1)
+    learn_act_scales: bool = True
+    act_lr: float = Field(4e-4, gt=0)
+    act_iters: int = Field(5000, ge=0)
+    cache_batch_size: int = Field(64, ge=1)
+    keep_best: bool = True
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- quantizer adapters
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """A quantized weight layer: has a ``weight`` tensor and a ``weight_quantizer`` module."""
+    return isinstance(getattr(module, "weight", None), torch.Tensor) and isinstance(
+        getattr(module, "weight_quantizer", None), nn.Module
+    )
+
+
+def _weight_grid(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(scale, zero_point, qmin, qmax)`` of a layer's weight quantizer, broadcast to the weight's shape.
+
+    Raises:
+        ReconstructionError: the quantizer lacks a scale.
+    """
+    wq = layer.weight_quantizer
+    weight = layer.weight
+    scale = getattr(wq, "scale", None)
+    if not isinstance(scale, torch.Tensor):
+        raise ReconstructionError(f"weight quantizer {type(wq).__name__} has no `scale` tensor; calibrate it first")
+    zero_point = getattr(wq, "zero_point", None)
+    zero_point = torch.zeros_like(scale) if zero_point is None else torch.as_tensor(zero_point)
+    axis = int(getattr(wq, "ch_axis", 0) or 0)
+
+    def shaped(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(weight.device, torch.float32)
+        if t.numel() == 1:
+            return t.reshape([1] * weight.dim())
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        return t.reshape(shape)
+
+    return shaped(scale), shaped(zero_point), int(wq.qmin), int(wq.qmax)
+
+
+class _LearnedRounding(nn.Module):
+    """Stands in for a weight quantizer during reconstruction: returns the AdaRound weight, ignoring its input."""
+
+    def __init__(self, rounding: AdaRoundWeight, original: nn.Module) -> None:
+        super().__init__()
+        self.rounding = rounding
+        self._original = [original]  # not a submodule: keeps the state dict unchanged
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002 - the float weight is baked into `rounding`
+        return self.rounding()
+
+
+@contextlib.contextmanager
+def _substituted_rounding(layers: list[nn.Module], roundings: list[AdaRoundWeight]) -> Iterator[None]:
+    originals = [layer.weight_quantizer for layer in layers]
+    try:
+        for layer, r, orig in zip(layers, roundings, originals, strict=True):
+            layer.weight_quantizer = _LearnedRounding(r, orig)
+        yield
+    finally:
+        for layer, orig in zip(layers, originals, strict=True):
+            layer.weight_quantizer = orig
+
+
+def _set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None:
+    if hasattr(qmodel, "set_quant_state") and callable(qmodel.set_quant_state):
+        qmodel.set_quant_state(weights, activations)
+        return
+    try:
+        from dgh.quantization import set_quant_state  # engineer 3's API
+    except ImportError:
+        raise ReconstructionError(
+            "the quantized model offers no set_quant_state(weights, activations); cannot compute float targets"
+        ) from None
+    set_quant_state(qmodel, weights, activations)
+
+
+def _activation_quantizers(unit: nn.Module) -> list[nn.Module]:
+    """Modules inside ``unit`` (itself included) with a ``scale`` tensor that are not weight quantizers."""
+    weight_qs = {id(m.weight_quantizer) for m in unit.modules() if is_weight_layer(m)}
+    return [
+        m
+        for m in unit.modules()
+        if id(m) not in weight_qs and isinstance(getattr(m, "scale", None), torch.Tensor) and not is_weight_layer(m)
+    ]
+
+
+def _learnable_act_scales(unit: nn.Module) -> list[nn.Parameter]:
+    """The step-size parameters of the unit's activation quantizers that may be learned (not power-of-two).
+
+    A ``scale`` buffer is promoted to an ``nn.Parameter`` of the same name, so the state dict keys do not change.
+    """
+    params: list[nn.Parameter] = []
+    for q in _activation_quantizers(unit):
+        if getattr(q, "power_of_two", False) or getattr(q, "pot", False):
+            continue
+        scale = q.scale
+        if not isinstance(scale, nn.Parameter):
+            if "scale" not in q._buffers:
+                continue
+            del q._buffers["scale"]
+            q.scale = nn.Parameter(scale.detach().clone())
+        if not torch.is_floating_point(q.scale) or not torch.isfinite(q.scale).all() or (q.scale <= 0).any():
+            continue
+        q.scale.requires_grad_(True)
+        params.append(q.scale)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------- partition
+
+
+@dataclass
+class Unit:
+    """One reconstruction unit: ``name`` (its module path in the model) and ``module``."""
+
+    name: str
+    module: nn.Module
+
+
+def _has_weight_layer(module: nn.Module) -> bool:
+    return any(is_weight_layer(m) for m in module.modules())
+
+
+def _is_ultralytics_layer(module: nn.Module) -> bool:
+    # ultralytics / YOLOv5 parse_model sets `.f` (input index) and `.i` (layer index) on each top-level layer
+    return hasattr(module, "f") and hasattr(module, "i") and isinstance(getattr(module, "i"), int)
+
+
+def partition_units(model: nn.Module, mode: ReconstructionMode | str = ReconstructionMode.BRECQ) -> list[Unit]:
+    """The reconstruction units of ``model`` in module order (see the module docstring for the rules).
+
+    Args:
+        model: a quantized model (weight layers have a ``weight_quantizer``).
+        mode: ``adaround`` (every weight layer) or ``brecq`` (blocks, plus the layers outside any block).
+
+    Returns:
+        Units covering every quantized weight layer exactly once.
+
+    Raises:
+        ReconstructionError: the model has no quantized weight layer.
+    """
+    mode = ReconstructionMode(mode)
+    units: list[Unit] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if not _has_weight_layer(module):
+            return
+        if mode is ReconstructionMode.ADAROUND:
+            if is_weight_layer(module):
+                units.append(Unit(name, module))
+                return
+        else:
+            cls = type(module).__name__
+            if cls in DETECT_HEAD_CLASSES:
+                # per-level branches: recurse into the head's ModuleLists, one unit per list entry
+                for child_name, child in module.named_children():
+                    prefix = f"{name}.{child_name}" if name else child_name
+                    if isinstance(child, nn.ModuleList):
+                        for j, level in enumerate(child):
+                            visit_as_unit(f"{prefix}.{j}", level)
+                    else:
+                        visit(prefix, child)
+                return
+            if cls in RESIDUAL_BLOCK_CLASSES or _is_ultralytics_layer(module) or is_weight_layer(module):
+                units.append(Unit(name, module))
+                return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    def visit_as_unit(name: str, module: nn.Module) -> None:
+        if _has_weight_layer(module):
+            units.append(Unit(name, module))
+
+    visit("", model)
+    if not units:
+        raise ReconstructionError("the model has no quantized weight layer (no module with a weight_quantizer)")
+    return units
+
+
+# ------------------------------------------------------------------------------------------------------ caching
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the unit's tensor is captured, to skip the rest of the network."""
+
+
+def _capture(
+    qmodel: nn.Module,
+    unit: Unit,
+    images_nchw: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    which: str,
+) -> torch.Tensor:
+    """Run ``qmodel`` over the calibration set and stack the unit's ``which`` = "input" | "output" tensors.
+
+    Returns:
+        ``(N, ...)`` float32 on ``device``.
+
+    Raises:
+        ReconstructionError: the unit is not called, called twice per forward, or its input/output is not one tensor.
+    """
+    chunks: list[torch.Tensor] = []
+    calls = [0]
+
+    def pre_hook(_m, args):
+        calls[0] += 1
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ReconstructionError(f"unit {unit.name!r} does not take one tensor; it cannot be reconstructed alone")
+        chunks.append(args[0].detach().float())
+        raise _StopForward
+
+    def post_hook(_m, _args, output):
+        calls[0] += 1
+        if not isinstance(output, torch.Tensor):
+            raise ReconstructionError(f"unit {unit.name!r} does not return one tensor; it cannot be reconstructed")
+        chunks.append(output.detach().float())
+        raise _StopForward
+
+    handle = (
+        unit.module.register_forward_pre_hook(pre_hook)
+        if which == "input"
+        else unit.module.register_forward_hook(post_hook)
+    )
+    try:
+        with torch.no_grad():
+            for start in range(0, images_nchw.shape[0], batch_size):
+                calls[0] = 0
+                try:
+                    qmodel(images_nchw[start : start + batch_size].to(device))
+                except _StopForward:
+                    pass
+                if calls[0] != 1:
+                    raise ReconstructionError(f"unit {unit.name!r} was not called during the forward pass")
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+def _call_order(qmodel: nn.Module, units: list[Unit], sample_nchw: torch.Tensor) -> list[Unit]:
+    """Sort ``units`` by the order of their first call in a forward pass; raise if one is called twice."""
+    order: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    handles = []
+    for k, u in enumerate(units):
+
+        def hook(_m, _args, k=k):
+            counts[k] = counts.get(k, 0) + 1
+            order.setdefault(k, len(order))
+
+        handles.append(u.module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            qmodel(sample_nchw)
+    finally:
+        for h in handles:
+            h.remove()
+    for k, c in counts.items():
+        if c > 1:
+            raise ReconstructionError(
+                f"unit {units[k].name!r} is called {c} times per forward; reconstruct it with mode='adaround'"
+            )
+    missing = [units[k].name for k in range(len(units)) if k not in order]
+    if missing:
+        raise ReconstructionError(f"units never called in the forward pass: {', '.join(missing[:4])}")
+    return [units[k] for k in sorted(order, key=order.get)]
+
+
+# -------------------------------------------------------------------------------------------------- reconstruct
+
+
+def _default_reg_weight(model: nn.Module) -> float:
+    return 0.1 if any(type(m).__name__ == MOBILENET_V2_BLOCK for m in model.modules()) else 0.01
+
+
+def _unit_loss(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for s in range(0, inputs.shape[0], batch_size):
+            out = module(inputs[s : s + batch_size])
+            total += reconstruction_loss(out, targets[s : s + batch_size]).item() * out.shape[0]
+    return total / inputs.shape[0]
+
+
+def reconstruct_unit(
+    unit: Unit,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: ReconstructionConfig,
+    reg_weight: float,
+    generator: torch.Generator,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Reconstruct one unit in place from cached inputs and float targets (steps 2-4 of the module docstring).
+
+    The caller sets the quantized model's state to weights and activations quantized.
+
+    Args:
+        unit: the unit (its weight layers carry a calibrated ``weight_quantizer``).
+        inputs: ``(N, ...)`` the unit's inputs in the quantized model, float32, on the unit's device.
+        targets: ``(N, ...)`` the unit's float outputs.
+        config: settings; reg_weight: rounding-regularizer weight; generator: seeded CPU generator.
+
+    Returns:
+        ``{"loss_before", "loss_after", "reverted"}``: the reconstruction loss (:func:`reconstruction_loss`) of the
+        unit over all cached inputs with nearest rounding and after reconstruction; ``reverted`` is 1.0 when
+        ``keep_best`` restored nearest rounding.
+    """
+    layers = [m for m in unit.module.modules() if is_weight_layer(m)]
+    loss_before = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
+    snapshot = {k: v.detach().clone() for k, v in unit.module.state_dict().items()}
+    roundings = []
+    for layer in layers:
+        scale, zero_point, qmin, qmax = _weight_grid(layer)
+        roundings.append(AdaRoundWeight(layer.weight.detach(), scale, zero_point, qmin, qmax).to(layer.weight.device))
+    act_scales = _learnable_act_scales(unit.module) if config.learn_act_scales else []
+    opt = RoundingOptimization(
+        iters=config.iters,
+        batch_size=config.batch_size,
+        reg_weight=reg_weight,
+        lr=config.lr,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        warmup=config.warmup,
+        act_lr=config.act_lr,
+    )
+    with _substituted_rounding(layers, roundings):
+        optimize_rounding(
+            unit.module, roundings, inputs, targets, opt, act_scales, generator, progress, desc=f"rounding {unit.name}"
+        )
+        if act_scales and config.act_iters > 0:
+            act_opt = RoundingOptimization(iters=config.act_iters, batch_size=config.batch_size, act_lr=config.act_lr)
+            optimize_rounding(
+                unit.module, [], inputs, targets, act_opt, act_scales, generator, progress, desc=f"act {unit.name}"
+            )
+    for layer, r in zip(layers, roundings, strict=True):
+        r.soft = False
+        with torch.no_grad():
+            layer.weight.data.copy_(r().to(layer.weight.dtype))
+    for a in act_scales:
+        a.requires_grad_(False)
+    loss_after = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
+    reverted = bool(config.keep_best and not loss_after <= loss_before)
+    if reverted:
+        unit.module.load_state_dict(snapshot)
+        loss_after = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
+    return {"loss_before": loss_before, "loss_after": loss_after, "reverted": float(reverted)}
+
+
+def reconstruct(
+    qmodel: nn.Module,
+    calib_images_nchw: torch.Tensor,
+    config: ReconstructionConfig | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """AdaRound / BRECQ reconstruction of a calibrated fake-quantized model, in place.
+
+    Args:
+        qmodel: the quantized model from ``quantize_model`` (thresholds already selected); same forward contract as
+            the float model. Its weight layers' weights are replaced by their hard-rounded values.
+        calib_images_nchw: ``(N, 3, H, W)`` float32 calibration images in the model's normalized space.
+        config: :class:`ReconstructionConfig` (defaults: BRECQ, paper-code settings).
+        device: ``None``/"auto" = CUDA when present, else CPU. Runs in float32 (no AMP: rounding logits and the
+            block MSE are sensitive to fp16 error).
+        progress: one tqdm bar per unit.
+
+    Returns:
+        ``qmodel`` (the same object), in eval mode, with weights and activations quantized, and a
+        ``reconstruction_report`` attribute: a list of ``{"unit", "loss_before", "loss_after"}`` dicts.
+
+    Raises:
+        ReconstructionError: empty or malformed calibration set, no quantized layer, a unit that cannot be run alone.
+    """
+    config = config or ReconstructionConfig()
+    if not isinstance(calib_images_nchw, torch.Tensor) or calib_images_nchw.dim() != 4 or calib_images_nchw.shape[0] == 0:
+        shape = tuple(calib_images_nchw.shape) if isinstance(calib_images_nchw, torch.Tensor) else type(calib_images_nchw)
+        raise ReconstructionError(f"calibration images must be a non-empty (N, C, H, W) tensor, got {shape}")
+    dev = resolve_device(None if device is None else str(device))
+    images = calib_images_nchw.detach().float().cpu()
+    qmodel.to(dev).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    reg_weight = config.reg_weight if config.reg_weight is not None else _default_reg_weight(qmodel)
+    units = partition_units(qmodel, config.mode)
+    _set_quant_state(qmodel, True, True)
+    units = _call_order(qmodel, units, images[:1].to(dev))
+    report = []
+    bar = tqdm(units, desc=f"{config.mode.value} units", disable=not progress)
+    for k, unit in enumerate(bar):
+        _set_quant_state(qmodel, True, True)
+        inputs = _capture(qmodel, unit, images, dev, config.cache_batch_size, "input")
+        _set_quant_state(qmodel, False, False)
+        targets = _capture(qmodel, unit, images, dev, config.cache_batch_size, "output")
+        _set_quant_state(qmodel, True, True)
+        generator = torch.Generator().manual_seed(config.seed * 1000003 + k)
+        stats = reconstruct_unit(unit, inputs, targets, config, reg_weight, generator, progress)
+        report.append({"unit": unit.name, **stats})
+        bar.set_postfix(unit=unit.name, loss=f"{stats['loss_after']:.4g}")
+        del inputs, targets
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    _set_quant_state(qmodel, True, True)
+    qmodel.reconstruction_report = report
+    if not all(math.isfinite(r["loss_after"]) for r in report):
+        raise ReconstructionError("reconstruction diverged (non-finite loss); lower the learning rates")
+    return qmodel

@@ -1,0 +1,310 @@
+"""``dgh report``: paper-style tables, a plot and an image grid from the pipeline's metrics.
+
+Reads ``stages/evaluate_{imagenet,coco}/<id>/metrics.json`` (and the float baselines ``<model>-float``) for the
+experiments defined in ``params.yaml`` and writes, under ``params.report.out_dir`` (default ``reports/``):
+
+- ``results.md``: one table per task and model. Rows are calibration sources in the order
+  float, real, dgh, batch-bns, image-bns, noise; columns are the ``WxAy preset algorithm`` settings; each cell is
+  the metric and, in parentheses, its difference to the float model on the same images (classification: top-1
+  in percent, difference in percentage points; detection: mAP@[.5:.95] on a 0-1 scale, difference in mAP).
+  A missing cell (stage not run) is ``—``.
+- ``results.json``: the same numbers, machine-readable (every metric of every cell).
+- ``accuracy.png``: the metric by calibration source and bit setting, float as a dashed line.
+- ``calibration_images.png``: the first images of each generated calibration set next to real images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dgh.io import atomic_write, write_json, write_text
+from dgh.params import Params, Source
+
+SOURCE_ORDER: tuple[str, ...] = ("float", "real", "dgh", "batch-bns", "image-bns", "noise")
+PRIMARY = {"imagenet": ("top1", "top-1 (%)", 2, 1.0), "coco": ("map", "mAP@[.5:.95] (0-1)", 3, 1.0)}
+
+
+@dataclass
+class Cell:
+    """One table cell: the metric of an experiment (or of the float model) and its delta to float."""
+
+    task: str
+    model: str
+    experiment: str
+    row: str  # calibration source label
+    setting: str  # column: "W8A8 pot mse" (or "float")
+    value: float | None
+    delta: float | None
+    metrics: dict[str, Any]
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def collect(params: Params, root: Path) -> list[Cell]:
+    """Every cell the report shows, read from the stage outputs under ``root`` (missing metrics -> value None)."""
+    cells: list[Cell] = []
+    for task in ("imagenet", "coco"):
+        section = getattr(params, task)
+        key = PRIMARY[task][0]
+        for model in section.eval:
+            fm = _read_metrics(root / "stages" / f"evaluate_{task}" / f"{model}-float" / "metrics.json")
+            fval = _finite(fm.get(key)) if fm else None
+            cells.append(Cell(task, model, f"{model}-float", "float", "float", fval, 0.0 if fval is not None else None,
+                              fm or {}))
+            # a source with several calibration sets for this model gets the set id in its row label
+            sets_per_source: dict[str, set[str]] = {}
+            for e in section.experiments.values():
+                if e.model == model:
+                    sets_per_source.setdefault(params.generate[e.calib].source.value, set()).add(e.calib)
+            for eid, e in section.experiments.items():
+                if e.model != model:
+                    continue
+                src = params.generate[e.calib].source.value
+                row = src if len(sets_per_source[src]) == 1 else f"{src} ({e.calib})"
+                m = _read_metrics(root / "stages" / f"evaluate_{task}" / eid / "metrics.json")
+                val = _finite(m.get(key)) if m else None
+                delta = val - fval if (val is not None and fval is not None) else None
+                cells.append(Cell(task, model, eid, row, e.setting, val, delta, m or {}))
+    return cells
+
+
+def _row_sort_key(label: str) -> tuple[int, str]:
+    base = label.split(" (")[0]
+    return (SOURCE_ORDER.index(base) if base in SOURCE_ORDER else len(SOURCE_ORDER), label)
+
+
+def _fmt(value: float | None, delta: float | None, digits: int, is_float_row: bool) -> str:
+    if value is None:
+        return "—"
+    if is_float_row or delta is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ({delta:+.{digits}f})"
+
+
+def table_markdown(cells: list[Cell], task: str, model: str) -> str:
+    """The markdown table of one task and model (rows: sources; columns: settings; float row repeated)."""
+    mine = [c for c in cells if c.task == task and c.model == model]
+    settings = list(dict.fromkeys(c.setting for c in mine if c.setting != "float"))
+    rows = sorted({c.row for c in mine}, key=_row_sort_key)
+    digits = PRIMARY[task][2]
+    float_cell = next((c for c in mine if c.row == "float"), None)
+    lines = ["| calibration | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
+    for row in rows:
+        out = []
+        for s in settings:
+            if row == "float":
+                out.append(_fmt(float_cell.value if float_cell else None, None, digits, True))
+                continue
+            c = next((c for c in mine if c.row == row and c.setting == s), None)
+            out.append("" if c is None else _fmt(c.value, c.delta, digits, False))
+        lines.append(f"| {row} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def _set_description(params: Params, set_id: str) -> str:
+    g = params.generate[set_id]
+    if g.source is Source.REAL:
+        return f"{g.n_images} real images from `{g.data}` (seed {g.seed})"
+    if g.source is Source.NOISE:
+        return f"{g.n_images} N(0,1) noise images clipped to the pixel range (seed {g.seed})"
+    extra = f", options {g.options}" if g.options else ""
+    return f"{g.n_images} images x {g.iters} iterations, batch {g.batch_size}, seed {g.seed}{extra}"
+
+
+def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") -> str:
+    """The whole of ``results.md``."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# DGH reproduction: results",
+        "",
+        f"Written by `dgh report` (last stage of `dvc repro`) on {now}, code at git `{commit}`.",
+        "Every layer, the input and the network output are quantized (hardware-friendly PTQ).",
+        "Rows: where the calibration images came from; columns: `WxAy preset algorithm` (x-bit weights, y-bit",
+        "activations); cells: the metric, and in parentheses its difference to the float model on the same images.",
+        "`—` = not run yet. Calibration sets are listed under each table.",
+        "",
+    ]
+    for task, title in (("imagenet", "Classification"), ("coco", "Detection")):
+        section = getattr(params, task)
+        key, label, digits, _ = PRIMARY[task]
+        for model, ev in section.eval.items():
+            fcell = next((c for c in cells if c.task == task and c.model == model and c.row == "float"), None)
+            n = fcell.metrics.get("n_images") if fcell else None
+            data = ev.data if task == "imagenet" else ev.images
+            out.append(f"## {title}: {model}, {label}")
+            out.append("")
+            out.append(f"Evaluated on `{data}`" + (f" ({n} images)." if n else "."))
+            out.append("")
+            out.append(table_markdown(cells, task, model))
+            out.append("")
+            used = list(dict.fromkeys(e.calib for e in section.experiments.values() if e.model == model))
+            for sid in used:
+                out.append(f"- `{sid}` ({params.generate[sid].source.value}): {_set_description(params, sid)}")
+            out.append("")
+    out += ["## Figures", "", "![accuracy by calibration source](accuracy.png)", "",
+            "![generated calibration images next to real images](calibration_images.png)", ""]
+    return "\n".join(out)
+
+
+def plot_accuracy(cells: list[Cell]) -> bytes:
+    """PNG bytes: one panel per (task, model), grouped bars per setting, one bar per source, float dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((c.task, c.model) for c in cells))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, (task, model) in zip(axes[0], panels):
+        mine = [c for c in cells if c.task == task and c.model == model]
+        settings = list(dict.fromkeys(c.setting for c in mine if c.setting != "float"))
+        rows = sorted({c.row for c in mine if c.row != "float"}, key=_row_sort_key)
+        width = 0.8 / max(1, len(rows))
+        for i, row in enumerate(rows):
+            vals = []
+            for s in settings:
+                c = next((c for c in mine if c.row == row and c.setting == s), None)
+                vals.append(c.value if c is not None and c.value is not None else 0.0)
+            xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(settings))]
+            ax.bar(xs, vals, width=width, label=row)
+        fcell = next((c for c in mine if c.row == "float"), None)
+        if fcell is not None and fcell.value is not None:
+            ax.axhline(fcell.value, color="k", linestyle="--", linewidth=1, label=f"float {fcell.value:.3g}")
+        ax.set_xticks(range(len(settings)))
+        ax.set_xticklabels(settings, fontsize=8)
+        ax.set_ylabel(PRIMARY[task][1])
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _real_images(folder: Path, k: int, size: tuple[int, int]):
+    """Up to ``k`` real images (spread over sub-folders/classes), resized to ``size`` (H, W), as (k,3,H,W) in [0,1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
+    if not files:
+        return None
+    step = max(1, len(files) // k)
+    picked = files[::step][:k]
+    arrs = []
+    for f in picked:
+        with Image.open(f) as im:
+            im = im.convert("RGB").resize((size[1], size[0]))
+            arrs.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(arrs)
+
+
+def plot_images(params: Params, root: Path, k: int) -> bytes | None:
+    """PNG bytes: per model, one row per generated calibration set (first ``k`` images) and one of real images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from dgh.models import get_spec
+
+    rows: list[tuple[str, Any]] = []
+    for model_key, entry in params.models.items():
+        try:
+            spec = get_spec(entry.name or model_key)
+        except ValueError:
+            continue
+        size = (entry.imgsz, entry.imgsz) if entry.imgsz else tuple(spec.input_size)
+        for sid, g in params.generate.items():
+            if g.model != model_key:
+                continue
+            if g.source.is_generated:
+                path = root / "stages" / "generate" / sid / "images.pt"
+                if not path.is_file():
+                    continue
+                imgs = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(imgs, dict):
+                    imgs = imgs.get("images_nchw", imgs.get("images"))
+                if not torch.is_tensor(imgs):
+                    continue
+                rows.append((f"{model_key}\n{g.source.value}", spec.denormalize(imgs[:k].float()).clamp(0, 1)))
+            elif g.source is Source.REAL:
+                folder = params.resolve(g.data) if g.data else None
+                if folder is not None and folder.is_dir():
+                    real = _real_images(folder, k, size)
+                    if real is not None:
+                        rows.append((f"{model_key}\nreal", real))
+    if not rows:
+        return None
+    ncols = max(r[1].shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.3 * ncols + 1.0, 1.4 * len(rows)), squeeze=False)
+    for i, (label, imgs) in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < imgs.shape[0]:
+                ax.imshow(imgs[j].permute(1, 2, 0).numpy())
+        axes[i][0].set_title(label, fontsize=7, loc="left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(params: Params, root: str | Path) -> Path:
+    """Write ``results.md``, ``results.json``, ``accuracy.png`` and ``calibration_images.png``.
+
+    Returns:
+        the path of ``results.md``.
+    """
+    from dgh.tracking import git_commit
+
+    root = Path(root)
+    out_dir = root / params.report.out_dir
+    cells = collect(params, root)
+    commit = git_commit(root)
+    md = render_markdown(params, cells, commit)
+    write_json({"commit": commit, "cells": [asdict(c) for c in cells]}, out_dir / "results.json")
+    png = plot_accuracy(cells)
+    atomic_write(out_dir / "accuracy.png", lambda p: p.write_bytes(png))
+    grid = plot_images(params, root, params.report.grid_images)
+    if grid is None:  # nothing generated yet: an explicit placeholder keeps the declared output present
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no calibration images yet", ha="center")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        grid = buf.getvalue()
+    atomic_write(out_dir / "calibration_images.png", lambda p: p.write_bytes(grid))
+    return write_text(md, out_dir / "results.md")

@@ -1,0 +1,182 @@
+"""End to end: `dvc repro` at a tiny budget on the real assets, in a temporary git copy of the project.
+
+Asserts that every stage wrote real metrics (finite, in range), that the report holds every cell, that MLflow has
+one run per experiment with its metrics, params, tags and artifacts plus the float and generation runs, and that
+editing one calibration set's `iters` makes `dvc status` list exactly that set's downstream stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "stages", "mlflow.db", "mlartifacts", "mlruns", "__pycache__",
+                                     "*.egg-info", ".pytest_cache", "tmp", "cache", ".dvc_tmp")
+
+
+def tiny_params(assets: Path, val_dir: Path) -> dict:
+    """Two models, every source kind, two bit settings: the default matrix's shape at a budget of seconds."""
+    r20, y5 = "resnet20_cifar10", "yolov5n"
+    exp = lambda m, c, w: {"model": m, "calib": c, "preset": "pot", "w_bits": w, "a_bits": 8, "algorithm": "mse"}  # noqa: E731
+    return {
+        "assets": str(assets),
+        "device": "cpu",
+        "progress": False,
+        "models": {r20: {"weights": "cifar10/models/resnet20-12fca82f.th"},
+                   y5: {"weights": "coco/models/yolov5n.pt", "imgsz": 128}},
+        "generate": {
+            "r20-real": {"model": r20, "source": "real", "data": "cifar10/train-subset", "n_images": 40},
+            "r20-dgh": {"model": r20, "source": "dgh", "n_images": 16, "iters": 3, "batch_size": 8},
+            "r20-noise": {"model": r20, "source": "noise", "n_images": 16},
+            "y5-dgh": {"model": y5, "source": "dgh", "n_images": 2, "iters": 2, "batch_size": 2},
+        },
+        "imagenet": {
+            "eval": {r20: {"data": "cifar10/test", "limit": 200, "batch_size": 100}},
+            "experiments": {
+                "r20-real-w8a8": exp(r20, "r20-real", 8),
+                "r20-dgh-w8a8": exp(r20, "r20-dgh", 8),
+                "r20-noise-w8a8": exp(r20, "r20-noise", 8),
+                "r20-dgh-w4a8": exp(r20, "r20-dgh", 4),
+            },
+        },
+        "coco": {
+            "eval": {y5: {"images": str(val_dir / "images"), "labels": str(val_dir / "labels"), "batch_size": 4}},
+            "experiments": {"y5-dgh-w8a8": exp(y5, "y5-dgh", 8)},
+        },
+        "report": {"out_dir": "reports", "grid_images": 4},
+    }
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1500) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, assets) -> tuple[Path, dict]:
+    """A git copy of the project with tiny params, after one full `dvc repro`."""
+    root = tmp_path_factory.mktemp("e2e") / "proj"
+    shutil.copytree(REPO, root, ignore=COPY_IGNORE)
+    # 8 val images with their labels: a real, tiny detection set
+    val = root.parent / "val8"
+    (val / "images").mkdir(parents=True)
+    (val / "labels").mkdir()
+    src = assets / "coco" / "val2017-128"
+    for img in sorted((src / "images").glob("*.jpg"))[:8]:
+        shutil.copy(img, val / "images" / img.name)
+        lab = src / "labels" / (img.stem + ".txt")
+        if lab.exists():
+            shutil.copy(lab, val / "labels" / lab.name)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(assets, val), sort_keys=False))
+    shutil.rmtree(root / "reports", ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               MLFLOW_DISABLE_TELEMETRY="true", YOLO_OFFLINE="1", GIT_AUTHOR_NAME="dgh-test",
+               GIT_AUTHOR_EMAIL="dgh@test", GIT_COMMITTER_NAME="dgh-test", GIT_COMMITTER_EMAIL="dgh@test",
+               PYTHONPATH=str(root))
+    env.pop("DGH_ASSETS", None)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "e2e copy"], root, env)
+    run(["dvc", "repro"], root, env)
+    return root, env
+
+
+def _metrics(root: Path, task: str, item: str) -> dict:
+    return json.loads((root / "stages" / f"evaluate_{task}" / item / "metrics.json").read_text())
+
+
+@pytest.mark.e2e
+def test_repro_writes_real_metrics_and_report(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for eid in list(params["imagenet"]["experiments"]) + ["resnet20_cifar10-float"]:
+        m = _metrics(root, "imagenet", eid)
+        assert m["n_images"] == 200
+        assert 0.0 <= m["top1"] <= m["top5"] <= 100.0 and math.isfinite(m["top1"])
+    f = _metrics(root, "imagenet", "resnet20_cifar10-float")
+    assert f["top1"] > 60.0  # the real checkpoint (81 % on all 10k) is loaded, not random weights
+    assert _metrics(root, "imagenet", "r20-real-w8a8")["top1"] > f["top1"] - 5.0
+    for item in ("y5-dgh-w8a8", "yolov5n-float"):
+        m = _metrics(root, "coco", item)
+        assert m["n_images"] == 8 and 0.0 <= m["map"] <= m["map50"] <= 1.0
+    assert _metrics(root, "coco", "yolov5n-float")["map"] > 0.0
+    gen = root / "stages" / "generate" / "r20-dgh"
+    losses = json.loads((gen / "losses.json").read_text())
+    assert [r["iteration"] for r in losses] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in losses)
+    md = (root / "reports" / "results.md").read_text()
+    assert "—" not in md  # every cell filled
+    assert "| dgh | " in md and "| noise | " in md and "W4A8 pot mse" in md
+    for png in ("accuracy.png", "calibration_images.png"):
+        assert (root / "reports" / png).stat().st_size > 1000
+
+
+@pytest.mark.e2e
+def test_mlflow_runs_hold_real_values(project):
+    root, _ = project
+    from dgh.tracking import Tracker
+
+    tracker = Tracker(uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "mlartifacts")
+    client = tracker.client
+    rid = tracker.find_run("resnet20_cifar10", "r20-dgh-w4a8")
+    assert rid is not None
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    top1 = run.data.metrics["top1"]
+    assert top1 == pytest.approx(_metrics(root, "imagenet", "r20-dgh-w4a8")["top1"]) and 0 <= top1 <= 100
+    tags = run.data.tags
+    assert (tags["dgh.preset"], tags["dgh.bits"], tags["dgh.calib"], tags["dgh.algorithm"]) == ("pot", "W4A8", "dgh", "mse")
+    assert tags["dgh.stage"] == "evaluate_imagenet" and len(tags["dgh.git_commit"]) >= 40
+    assert run.data.params["quant.w_bits"] == "4" and run.data.params["calib.iters"] == "3"
+    assert [m.step for m in client.get_metric_history(rid, "gen.loss")] == [1, 2, 3]
+    arts = {a.path for a in client.list_artifacts(rid, "quantization")}
+    assert "quantization/quantized.pt" in arts and "quantization/quant_report.csv" in arts
+    assert {a.path for a in client.list_artifacts(rid, "calibration")} >= {"calibration/preview.png"}
+    # float baseline and generation runs are their own runs
+    frun = client.get_run(tracker.find_run("resnet20_cifar10", "resnet20_cifar10-float"))
+    assert frun.data.metrics["top1"] == pytest.approx(_metrics(root, "imagenet", "resnet20_cifar10-float")["top1"])
+    grun = client.get_run(tracker.find_run("yolov5n", "generate/y5-dgh"))
+    assert len(client.get_metric_history(grun.info.run_id, "loss")) == 2
+    drun = client.get_run(tracker.find_run("yolov5n", "y5-dgh-w8a8"))
+    assert 0.0 <= drun.data.metrics["map"] <= 1.0
+
+
+@pytest.mark.e2e
+def test_editing_one_generation_knob_reruns_only_its_downstream(project):
+    """Runs last (it changes the project): iters of one calibration set 3 -> 4, then `dvc status` and `dvc repro`."""
+    import re
+
+    root, env = project
+    assert json.loads(run(["dvc", "status", "--json"], root, env).stdout or "{}") == {}
+    params_path = root / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["generate"]["r20-dgh"]["iters"] = 4
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(run(["dvc", "status", "--json"], root, env).stdout)
+    assert set(status) == {"generate@r20-dgh"}  # the only stage whose own inputs changed
+    assert "generate.r20-dgh" in json.dumps(status["generate@r20-dgh"])
+    untouched = {p: p.stat().st_mtime_ns for p in (root / "stages").rglob("metrics.json")}
+    out = run(["dvc", "repro"], root, env).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {
+        "generate@r20-dgh",
+        "quantize_imagenet@r20-dgh-w8a8",
+        "quantize_imagenet@r20-dgh-w4a8",
+        "evaluate_imagenet@r20-dgh-w8a8",
+        "evaluate_imagenet@r20-dgh-w4a8",
+        "report",
+    }, out
+    for path, mtime in untouched.items():
+        rerun = "r20-dgh-" in str(path)
+        assert (path.stat().st_mtime_ns != mtime) == rerun, path

@@ -1,0 +1,105 @@
+"""MLflow tracking (dgh/tracking.py): run layout, resume by key, step metrics, and the REST API of a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dgh.tracking import StepLogger, Tracker, finite_metrics, flatten
+
+
+def test_flatten_and_finite_metrics():
+    assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": "1", "a.c.d": "x", "e": "None"}
+    assert finite_metrics({"top1": 80, "n": 3.5, "bad": float("nan"), "inf": float("inf"), "s": "x", "b": True}) == {
+        "top1": 80.0, "n": 3.5}
+
+
+@pytest.fixture()
+def tracker(tmp_path) -> Tracker:
+    return Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlartifacts", commit="abc")
+
+
+def test_resume_by_key_and_fresh_runs(tracker, tmp_path):
+    rid = tracker.start_run("resnet20_cifar10", "exp-a", fresh=True, tags={"dgh.preset": "pot"},
+                            params={"quant": {"w_bits": 4}})
+    logger = StepLogger(tracker, rid, every=3, prefix="gen.")
+    for i in range(1, 8):
+        logger(i, {"loss": 10.0 / i, "bn": float("nan")})
+    logger.flush()
+    tracker.finish(rid)
+    art = tmp_path / "preview.png"
+    art.write_bytes(b"\x89PNG")
+    again = tracker.start_run("resnet20_cifar10", "exp-a", fresh=False, tags={"dgh.stage": "evaluate"})
+    assert again == rid  # later stages resume the experiment's run
+    tracker.log_metrics(again, {"top1": 80.5, "n_images": 10000})
+    tracker.log_artifact(again, art, "calibration")
+    tracker.finish(again)
+
+    client = tracker.client
+    run = client.get_run(rid)
+    assert run.data.params["quant.w_bits"] == "4"
+    assert run.data.tags["dgh.preset"] == "pot" and run.data.tags["dgh.stage"] == "evaluate"
+    assert run.data.tags["dgh.git_commit"] == "abc" and run.info.run_name == "exp-a"
+    assert run.data.metrics["top1"] == pytest.approx(80.5)
+    hist = client.get_metric_history(rid, "gen.loss")
+    assert [m.step for m in hist] == list(range(1, 8))
+    assert hist[-1].value == pytest.approx(10.0 / 7)
+    assert client.get_metric_history(rid, "gen.bn") == []  # NaN never logged
+    assert [a.path for a in client.list_artifacts(rid, "calibration")] == ["calibration/preview.png"]
+    # a fresh start (quantize re-ran) opens a new run, which later stages then resume
+    new = tracker.start_run("resnet20_cifar10", "exp-a", fresh=True)
+    assert new != rid and tracker.find_run("resnet20_cifar10", "exp-a") == new
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_rest_api_returns_experiment_metrics(tracker, tmp_path):
+    rid = tracker.start_run("yolov5n", "yolov5n-dgh-w8a8-pot-mse", fresh=True, tags={"dgh.calib": "dgh"})
+    tracker.log_metrics(rid, {"map": 0.281, "map50": 0.452})
+    tracker.finish(rid)
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=yolov5n", timeout=10) as r:
+            exp_id = json.load(r)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [exp_id], "filter": "tags.`dgh.run_key` = 'yolov5n-dgh-w8a8-pot-mse'"})
+        req = urllib.request.Request(f"{base}/runs/search", data=body.encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        assert len(runs) == 1
+        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+        assert metrics == {"map": pytest.approx(0.281), "map50": pytest.approx(0.452)}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
