@@ -2,8 +2,9 @@
 
 Each measurement runs in its own subprocess (clean peak-RSS, no shared caches):
 
-1. throughput (images x iterations / s) of ``generate_images`` (speed=exact, speed=fast, fast+bf16 autocast)
-   against a bare forward+backward of the same model, batch and image size (the hooks/pipeline/loss overhead);
+1. throughput (images x iterations / s) of ``generate_images`` (speed=exact; speed=fast = bf16 autocast +
+   channels-last; each with and without lazy_refresh) against a bare forward+backward of the same model, batch and image size, in fp32 and in
+   bf16+channels-last (the hooks/pipeline/loss overhead);
 2. peak memory at N=64 vs N=1024 with the same batch size (peak RSS above the post-setup RSS; the image storage,
    i.e. canvases + gradients + 2 RAdam moments = 4 x N x 3 x (H+p) x (W+p) x 4 bytes, is reported separately);
 3. side by side with Sony MCT's reference implementation
@@ -14,7 +15,10 @@ Each measurement runs in its own subprocess (clean peak-RSS, no shared caches):
 Usage (2 CPU cores shared with others: timings are noisy, ratios are taken within one run)::
 
     python benchmarks/generation.py --weights ../shared/assets/cifar10/models/resnet20-12fca82f.th \
-        --n-images 256 --iters 200 --batch-size 64 [--mct-python /path/to/python/with/mct] [--skip-memory]
+        --n-images 256 --iters 200 --batch-size 64 [--threads 1] [--mct-python /path/to/python/with/mct] [--skip-memory]
+
+On an oversubscribed machine use ``--threads 1``: with 2 OpenMP threads and other jobs running, a step can be 6x
+slower than with 1 thread (spinning barriers), which swamps every ratio.
 
 ``--mct-python`` is a Python interpreter that can import both ``dgh`` and ``model_compression_toolkit``
 (default: this one). MCT's settings other than N, iterations, batch size, image size and extra pixels (= p) are
@@ -57,7 +61,7 @@ def worker_dgh(a: argparse.Namespace) -> dict:
     loaded = load_model(a.model, a.weights)
     cfg = GenerationConfig.for_method(
         "dgh", n_images=a.n_images, iterations=a.iters, batch_size=a.batch_size, seed=0, speed=a.speed,
-        amp="on" if a.bf16 else "off", checkpoint_every=0,
+        amp=a.amp, checkpoint_every=0, lazy_refresh=a.lazy,
     )
     base = _rss_mb()
     t = time.perf_counter()
@@ -77,12 +81,16 @@ def worker_bare(a: argparse.Namespace) -> dict:
     loaded = load_model(a.model, a.weights)
     h, w = loaded.spec.input_size
     n_batches = -(-a.n_images // a.batch_size)
-    x = torch.randn(a.batch_size, 3, h, w, requires_grad=True)
+    fmt = torch.channels_last if a.bf16 else torch.contiguous_format
+    model = loaded.model.to(memory_format=fmt)
+    x = torch.randn(a.batch_size, 3, h, w).contiguous(memory_format=fmt).requires_grad_(True)
     steps = n_batches * a.iters
     t = time.perf_counter()
     for _ in range(steps):
         x.grad = None
-        loaded.model(x).float().sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            out = model(x)
+        out.float().sum().backward()
     return {"wall_s": time.perf_counter() - t, "peak_mb": _peak_mb()}
 
 
@@ -142,7 +150,8 @@ def _run(kind: str, args: argparse.Namespace, python: str | None = None, **over)
             "--n-images", str(over.get("n_images", args.n_images)), "--iters", str(over.get("iters", args.iters)),
             "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--speed", over.get("speed", "exact"),
             "--out-json", str(out_json), "--out-images", str(Path(tmp) / "images.pt"),
-        ] + (["--bf16"] if over.get("bf16") else [])
+            "--amp", over.get("amp", "auto"),
+        ] + (["--bf16"] if over.get("bf16") else []) + (["--lazy"] if over.get("lazy") else [])
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         proc = subprocess.run(cli, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -166,7 +175,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed", default="exact")
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--amp", default="auto", help="worker: GenerationConfig.amp")
+    ap.add_argument("--lazy", action="store_true", help="worker dgh: GenerationConfig.lazy_refresh")
+    ap.add_argument("--bf16", action="store_true", help="worker bare: bf16 autocast + channels-last")
     ap.add_argument("--mct-python", default=None)
     ap.add_argument("--skip-mct", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
@@ -191,9 +202,11 @@ def main() -> None:
     print(f"# {a.model}: N={a.n_images}, iterations={a.iters}, batch={a.batch_size}, threads={a.threads}")
     runs = {
         "bare fwd+bwd": _run("bare", a),
+        "bare fwd+bwd bf16+channels-last": _run("bare", a, bf16=True),
         "dgh exact": _run("dgh", a, speed="exact"),
-        "dgh fast": _run("dgh", a, speed="fast"),
-        "dgh fast+bf16": _run("dgh", a, speed="fast", bf16=True),
+        "dgh fast (bf16 + channels-last)": _run("dgh", a, speed="fast"),
+        "dgh fast + lazy refresh": _run("dgh", a, speed="fast", lazy=True),
+        "dgh exact + lazy refresh": _run("dgh", a, speed="exact", lazy=True),
     }
     if not a.skip_mct:
         runs["mct"] = _run("mct", a, python=a.mct_python)

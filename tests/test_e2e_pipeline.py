@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,9 @@ COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "stages", "mlflow.db", "ml
 def tiny_params(assets: Path, val_dir: Path) -> dict:
     """Two models, every source kind, two bit settings: the default matrix's shape at a budget of seconds."""
     r20, y5 = "resnet20_cifar10", "yolov5n"
-    exp = lambda m, c, w: {"model": m, "calib": c, "preset": "pot", "w_bits": w, "a_bits": 8, "algorithm": "mse"}  # noqa: E731
+    fast = {"n_candidates": 16, "samples_per_site": 4096}  # a coarse threshold search: seconds, not minutes
+    exp = lambda m, c, w: {"model": m, "calib": c, "preset": "pot", "w_bits": w, "a_bits": 8,  # noqa: E731
+                           "algorithm": "mse", "options": fast}
     return {
         "assets": str(assets),
         "device": "cpu",
@@ -64,9 +67,14 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1500) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, assets) -> tuple[Path, dict]:
-    """A git copy of the project with tiny params, after one full `dvc repro`."""
-    root = tmp_path_factory.mktemp("e2e") / "proj"
+def project(assets) -> tuple[Path, dict]:
+    """A git copy of the project with tiny params, after one full `dvc repro`.
+
+    It lives in its own temporary folder (not pytest's rotating basetemp, which concurrent pytest sessions prune),
+    removed afterwards unless DGH_KEEP_E2E is set.
+    """
+    base = Path(tempfile.mkdtemp(prefix="dgh-e2e-"))
+    root = base / "proj"
     shutil.copytree(REPO, root, ignore=COPY_IGNORE)
     # 8 val images with their labels: a real, tiny detection set
     val = root.parent / "val8"
@@ -90,7 +98,9 @@ def project(tmp_path_factory, assets) -> tuple[Path, dict]:
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-q", "-m", "e2e copy"], root, env)
     run(["dvc", "repro"], root, env)
-    return root, env
+    yield root, env
+    if not os.environ.get("DGH_KEEP_E2E"):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _metrics(root: Path, task: str, item: str) -> dict:

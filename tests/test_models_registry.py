@@ -62,7 +62,7 @@ def test_wrong_checkpoint_names_missing_and_unexpected_keys(assets: Path) -> Non
     assert "\n" not in msg and "missing keys: fc.bias" in msg and "unexpected keys" in msg
 
 
-@pytest.mark.parametrize("name", ["resnet20_cifar10", "resnet18", "yolov5n"])
+@pytest.mark.parametrize("name", ["resnet20_cifar10", "resnet18", "yolov5n", "yolov8n"])
 def test_not_a_checkpoint_is_one_line(tmp_path: Path, name: str) -> None:
     bogus = tmp_path / "notes.pt"
     bogus.write_text("this is not a checkpoint\n")

@@ -133,3 +133,14 @@ def test_dvc_yaml_matches_params():
     # generated sets are shared: quantize depends on the calibration set's folder, not on a copy
     assert "stages/generate/${item.calib}" in dvc["quantize_imagenet"]["do"]["deps"]
     assert "generate.${key}" in dvc["generate"]["do"]["params"]
+
+
+def test_paper_scale_params_validate(monkeypatch):
+    """params.paper.yaml (the documented paper-scale configuration) passes the schema; its paths are the user's."""
+    monkeypatch.delenv("DGH_ASSETS", raising=False)
+    params = load_params(REPO / "params.paper.yaml")
+    by_id = {eid: params.experiment(eid) for eid in params.experiment_ids()}
+    assert {(e.preset, e.w_bits, e.a_bits, e.algorithm) for e in by_id.values()} >= {
+        ("paper", 4, 4, "brecq"), ("pot", 8, 8, "mse"), ("pot", 4, 8, "mse")}
+    dgh_sets = [g for g in params.generate.values() if g.source.value == "dgh"]
+    assert all((g.n_images, g.iters) == (1024, 1000) for g in dgh_sets)

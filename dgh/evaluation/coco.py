@@ -98,7 +98,7 @@ def coco_map(coco_gt_dict: dict, detections: list[dict], verbose: bool = False) 
 def evaluate_coco(model: nn.Module, loaded: LoadedModel, images_dir: str | Path, annotations: str | Path | None = None,
                   labels: str | Path | None = None, imgsz: int | None = None, batch_size: int = 16,
                   device: str | None = None, progress: bool = True, num_workers: int | None = None,
-                  verbose: bool = False, amp: bool = True, limit: int | None = None) -> dict:
+                  verbose: bool = False, amp: bool = True, limit: int | None = None, multi_label: bool = True) -> dict:
     """COCO mAP of ``model`` on an image folder with COCO json or YOLO-label ground truth.
 
     Args:
@@ -115,6 +115,7 @@ def evaluate_coco(model: nn.Module, loaded: LoadedModel, images_dir: str | Path,
         verbose: show pycocotools' output.
         amp: fp16 autocast on CUDA (decode and NMS always run in float32).
         limit: evaluate only the first ``limit`` images (by file name) and their ground truth.
+        multi_label: NMS candidates per (box, class) pair (YOLOv5 val, default) or best class only.
 
     Returns:
         ``{"map": 0-1, "map50": 0-1, "n_images": int, "n_detections": int, "imgsz": int}``.
@@ -150,7 +151,7 @@ def evaluate_coco(model: nn.Module, loaded: LoadedModel, images_dir: str | Path,
             with torch.autocast(dev.type, dtype=torch.float16, enabled=amp and dev.type == "cuda"):
                 raw = model(images)
             decoded = loaded.decode([r.float() for r in raw])
-            for det, i, info in zip(non_max_suppression(decoded), idx, infos):
+            for det, i, info in zip(non_max_suppression(decoded, multi_label=multi_label), idx, infos):
                 detections.extend(_to_coco_records(det.cpu(), info, image_ids[i], data.class_to_category))
     metrics = coco_map(gt, detections, verbose=verbose)
     return {"map": metrics["map"], "map50": metrics["map50"], "n_images": len(paths),

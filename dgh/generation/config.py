@@ -75,16 +75,18 @@ class AugmentDraw(str, Enum):
 
 
 class Speed(str, Enum):
-    """``exact``: after each step the batch's cached moments are refreshed by a no-grad forward of its final view
-    (method.md section 1). ``fast``: that refresh forward is skipped; the cache takes the (detached) moments of the
-    training view just computed, one step stale. Saves one forward per step (see benchmarks/generation.py)."""
+    """``exact``: fp32 on CPU, contiguous tensors (the paper code's CPU arithmetic). ``fast``: channels-last memory
+    format and, with ``amp=auto``, bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); BN statistics, losses,
+    images and optimizer stay fp32. The algorithm is unchanged; speed and dataset-level BN distance of both are
+    measured in benchmarks/generation.py. See also ``lazy_refresh``."""
 
     EXACT = "exact"
     FAST = "fast"
 
 
 class Amp(str, Enum):
-    """Mixed precision: ``auto`` = fp16 autocast + gradient scaler on CUDA, fp32 on CPU; ``on``; ``off``."""
+    """Mixed precision: ``auto`` = fp16 autocast + gradient scaler on CUDA; on CPU fp32, except bf16 autocast with
+    ``speed=fast`` where the CPU has native bf16; ``on`` (CPU: bf16); ``off`` (fp32 everywhere)."""
 
     AUTO = "auto"
     ON = "on"
@@ -118,6 +120,9 @@ class GenerationConfig(BaseModel):
         plateau_factor, plateau_threshold, min_lr: scheduler settings (0.5, relative 1e-4, 1e-4).
         plateau_patience: bad iterations tolerated before a reduction; ``None`` = max(1, iterations // 50).
         speed: see :class:`Speed`.
+        lazy_refresh: skip the no-grad refresh forward after each step (method.md section 1); the batch's cache entry
+            takes the detached moments of the training view just computed instead (one step stale, augmented view).
+            Saves one forward per step; measured to cost quality on small budgets (see the issue note).
         amp: see :class:`Amp`.
         checkpoint_every: K; with an ``out_dir``, a resumable checkpoint is written every K iterations (0 = never).
     """
@@ -151,6 +156,7 @@ class GenerationConfig(BaseModel):
     plateau_patience: int | None = Field(None, ge=0)
     min_lr: float = Field(1e-4, ge=0)
     speed: Speed = Speed.EXACT
+    lazy_refresh: bool = False
     amp: Amp = Amp.AUTO
     checkpoint_every: int = Field(50, ge=0)
 

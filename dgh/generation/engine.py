@@ -47,6 +47,14 @@ from dgh.models.spec import LoadedModel, ModelSpec
 Callback = Callable[[int, dict[str, float]], None]
 
 
+def _cpu_bf16_supported() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class GenerationError(ValueError):
     """A run cannot continue (diverged loss, unusable checkpoint). The message is one line."""
 
@@ -188,8 +196,13 @@ class _Run:
             per_image=config.augment_draw.value == "image",
             sigma=config.smoothing_sigma,
         )
-        self.use_amp = device.type == "cuda" if config.amp is Amp.AUTO else config.amp is Amp.ON
+        self.fast = config.speed is Speed.FAST
+        if config.amp is Amp.AUTO:
+            self.use_amp = device.type == "cuda" or (self.fast and _cpu_bf16_supported())
+        else:
+            self.use_amp = config.amp is Amp.ON
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
         self.lambda_out = float(self.settings["output_loss_weight"])
         self.slices = batch_slices(config.n_images, config.batch_size)
         sizes = torch.tensor([s.stop - s.start for s in self.slices], dtype=torch.float32)
@@ -218,7 +231,7 @@ class _Run:
         """Model forward of a view; returns (outputs, per-layer per-image moments incl. the input last)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             with self.recorder.active():
-                out = self.model(view_nchw)
+                out = self.model(view_nchw.contiguous(memory_format=self.memory_format))
         moments = list(self.recorder.moments) + [image_moments(view_nchw)]
         return flatten_outputs(out), moments
 
@@ -315,7 +328,7 @@ class _Run:
         if sched is not None:
             sched.step(loss_value)
         if self.config.statistics is Statistics.ALL:
-            if self.config.speed is Speed.EXACT:
+            if not self.config.lazy_refresh:
                 ms, ss = self.batch_moments(canvas.detach())
             else:
                 ms = [m.detach().mean(0) for m, _ in moments]
@@ -416,6 +429,7 @@ def generate_images(
     """
     if not isinstance(config, GenerationConfig):
         raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    config = GenerationConfig.model_validate(config.model_dump())  # re-validate (model_copy(update=) skips it)
     dev = resolve_device(device)
     out_path = Path(out_dir) if out_dir is not None else None
     ckpt_path = out_path / CHECKPOINT_FILE if out_path is not None else None
@@ -432,6 +446,8 @@ def generate_images(
         model.eval().to(dev)
         try:
             run = _Run(loaded, config, dev)
+            if run.fast:
+                model.to(memory_format=torch.channels_last)
             run.check_input_and_find_last_bns()
             state = None
             if resume and ckpt_path is not None and ckpt_path.is_file():
@@ -484,6 +500,8 @@ def generate_images(
             settings["num_bn_layers"] = len(run.layers)
         finally:
             model.to(home)
+            if config.speed is Speed.FAST:
+                model.to(memory_format=torch.contiguous_format)
     if config.method is Method.NOISE:
         try:
             terms["bn_distance"] = bn_distance(model, images, spec=loaded.spec, batch_size=config.batch_size)

@@ -34,22 +34,21 @@ Units (the block partition, :func:`partition_units`):
 
 A unit must be a module that the model calls once per forward with one tensor, and that returns one tensor.
 
-Interface expected from the quantized model (engineer 3's ``dgh.quantization``), duck-typed here:
+Interface used from the quantized model (engineer 3's :mod:`dgh.quantization`):
 
-- a quantized weight layer is a module with a ``weight`` tensor and a ``weight_quantizer`` exposing ``scale``,
-  ``zero_point``, ``qmin``, ``qmax`` and ``ch_axis``, which its forward calls as ``weight_quantizer(weight)``;
-- ``set_quant_state(qmodel, weights: bool, activations: bool)`` (function in ``dgh.quantization`` or a method of
-  the model);
-- an activation quantizer is any other module with a ``scale`` tensor; a ``scale`` that is an ``nn.Parameter`` (or a
-  buffer, promoted to one) is learned unless the quantizer says ``power_of_two``.
+- quantized weight layers (``QuantConv2d``/``QuantLinear``...) with ``weight_quantizer`` (a ``FakeQuantizer``:
+  ``to_integer_domain``, ``broadcast``, ``zero_point``, ``qmin``, ``qmax``) and ``weight_rounding`` (here set to
+  :class:`LearnedRounding` during the optimization, ``None`` afterwards: the rounding is baked into ``weight``);
+- activation quantizers (``FakeQuantizer`` with a role other than ``weight``) with ``make_learnable``;
+- ``set_quant_state(qmodel, weights, activations)``;
+- any submodule called on its own applies the same quantizers as in the full forward (the capture runtime); the
+  input of a unit is read as the runtime would quantize it (``runtime.resolve``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,99 +131,91 @@ def is_weight_layer(module: nn.Module) -> bool:
     )
 
 
-def _weight_grid(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """``(scale, zero_point, qmin, qmax)`` of a layer's weight quantizer, broadcast to the weight's shape.
+class LearnedRounding(nn.Module):
+    """``v -> floor(v) + h(V)``: AdaRound's rounding of ``v = w / s``, set as a layer's ``weight_rounding``.
+
+    The layer's weight quantizer keeps applying its zero point, clamp and rescale (engineer 3's
+    ``FakeQuantizer.forward(x, rounding=...)``), so the fake-quantized weight is
+    ``s * (clamp(floor(w/s) + h(V) + z, qmin, qmax) - z)`` (AdaRound eq. 22).
+    """
+
+    def __init__(self, rounding: AdaRoundWeight) -> None:
+        super().__init__()
+        self.adaround = rounding
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - floor(v) is cached in the AdaRoundWeight
+        return self.adaround.weight_floor + self.adaround.rounding()
+
+
+def _adaround_for(layer: nn.Module) -> AdaRoundWeight:
+    """An :class:`AdaRoundWeight` in the integer domain of ``layer``'s weight quantizer (scale 1, same zero point
+    and range), initialized so that ``h(V)`` is the fractional part of ``w / s``.
 
     Raises:
-        ReconstructionError: the quantizer lacks a scale.
+        ReconstructionError: the weight quantizer is not calibrated.
     """
     wq = layer.weight_quantizer
-    weight = layer.weight
-    scale = getattr(wq, "scale", None)
-    if not isinstance(scale, torch.Tensor):
-        raise ReconstructionError(f"weight quantizer {type(wq).__name__} has no `scale` tensor; calibrate it first")
-    zero_point = getattr(wq, "zero_point", None)
-    zero_point = torch.zeros_like(scale) if zero_point is None else torch.as_tensor(zero_point)
-    axis = int(getattr(wq, "ch_axis", 0) or 0)
-
-    def shaped(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to(weight.device, torch.float32)
-        if t.numel() == 1:
-            return t.reshape([1] * weight.dim())
-        shape = [1] * weight.dim()
-        shape[axis] = -1
-        return t.reshape(shape)
-
-    return shaped(scale), shaped(zero_point), int(wq.qmin), int(wq.qmax)
-
-
-class _LearnedRounding(nn.Module):
-    """Stands in for a weight quantizer during reconstruction: returns the AdaRound weight, ignoring its input."""
-
-    def __init__(self, rounding: AdaRoundWeight, original: nn.Module) -> None:
-        super().__init__()
-        self.rounding = rounding
-        self._original = [original]  # not a submodule: keeps the state dict unchanged
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002 - the float weight is baked into `rounding`
-        return self.rounding()
-
-
-@contextlib.contextmanager
-def _substituted_rounding(layers: list[nn.Module], roundings: list[AdaRoundWeight]) -> Iterator[None]:
-    originals = [layer.weight_quantizer for layer in layers]
-    try:
-        for layer, r, orig in zip(layers, roundings, originals, strict=True):
-            layer.weight_quantizer = _LearnedRounding(r, orig)
-        yield
-    finally:
-        for layer, orig in zip(layers, originals, strict=True):
-            layer.weight_quantizer = orig
+    if not getattr(wq, "initialized", True):
+        raise ReconstructionError(f"weight quantizer of {type(layer).__name__} is not calibrated; run quantize first")
+    with torch.no_grad():
+        v = wq.to_integer_domain(layer.weight.detach().float())
+        zero_point = wq.broadcast(wq.zero_point.detach().float(), v)
+    return AdaRoundWeight(v, torch.ones((), device=v.device), zero_point, int(wq.qmin), int(wq.qmax))
 
 
 def _set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None:
-    if hasattr(qmodel, "set_quant_state") and callable(qmodel.set_quant_state):
-        qmodel.set_quant_state(weights, activations)
-        return
-    try:
-        from dgh.quantization import set_quant_state  # engineer 3's API
-    except ImportError:
-        raise ReconstructionError(
-            "the quantized model offers no set_quant_state(weights, activations); cannot compute float targets"
-        ) from None
+    from dgh.quantization.api import set_quant_state  # engineer 3's API (lazy: api imports this module lazily)
+
     set_quant_state(qmodel, weights, activations)
 
 
 def _activation_quantizers(unit: nn.Module) -> list[nn.Module]:
-    """Modules inside ``unit`` (itself included) with a ``scale`` tensor that are not weight quantizers."""
-    weight_qs = {id(m.weight_quantizer) for m in unit.modules() if is_weight_layer(m)}
+    """Calibrated, active activation quantizers inside ``unit`` (layer output sites, add/cat/pool sites)."""
     return [
         m
         for m in unit.modules()
-        if id(m) not in weight_qs and isinstance(getattr(m, "scale", None), torch.Tensor) and not is_weight_layer(m)
+        if type(m).__name__ == "FakeQuantizer"
+        and getattr(m, "role", "weight") != "weight"
+        and getattr(m, "initialized", False)
+        and not getattr(m, "bypass", False)
     ]
 
 
-def _learnable_act_scales(unit: nn.Module) -> list[nn.Parameter]:
-    """The step-size parameters of the unit's activation quantizers that may be learned (not power-of-two).
+def _make_act_scales_learnable(unit: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """Turn the unit's activation step sizes into ``nn.Parameter`` s (LSQ gradient; power-of-two scales are learned
+    through the quantizer's straight-through ``2^round(log2 s)`` projection, so they stay powers of two).
 
-    A ``scale`` buffer is promoted to an ``nn.Parameter`` of the same name, so the state dict keys do not change.
+    Returns:
+        ``(parameters, quantizers that were made learnable here)`` (the latter are switched back afterwards).
     """
-    params: list[nn.Parameter] = []
+    params, switched = [], []
     for q in _activation_quantizers(unit):
-        if getattr(q, "power_of_two", False) or getattr(q, "pot", False):
-            continue
-        scale = q.scale
-        if not isinstance(scale, nn.Parameter):
-            if "scale" not in q._buffers:
-                continue
-            del q._buffers["scale"]
-            q.scale = nn.Parameter(scale.detach().clone())
-        if not torch.is_floating_point(q.scale) or not torch.isfinite(q.scale).all() or (q.scale <= 0).any():
-            continue
+        if not getattr(q, "learnable", False):
+            q.make_learnable(True)
+            switched.append(q)
         q.scale.requires_grad_(True)
         params.append(q.scale)
-    return params
+    return params, switched
+
+
+def _output_clip(unit: nn.Module) -> tuple[float, float] | None:
+    """For a single-layer unit whose output quantizer is active: its representable range ``[(qmin-z)s, (qmax-z)s]``.
+
+    A layer called on its own quantizes its output at the boundary, while in the full network that quantizer may act
+    after a following activation (e.g. ReLU) that lies outside the unit; clipping the float target to that range
+    removes the error the unit cannot (and need not) reduce. Blocks end inside the unit: ``None``.
+    """
+    oq = getattr(unit, "output_quantizer", None)
+    if not is_weight_layer(unit) or oq is None or not getattr(oq, "enabled", False) or getattr(oq, "bypass", False):
+        return None
+    if not getattr(oq, "initialized", False):
+        return None
+    with torch.no_grad():
+        s = oq.effective_scale().detach().float()
+        z = oq.zero_point.detach().float()
+        lo = float(((oq.qmin - z) * s).min())
+        hi = float(((oq.qmax - z) * s).max())
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------------- partition
@@ -305,6 +296,27 @@ class _StopForward(Exception):
     """Raised by a hook once the unit's tensor is captured, to skip the rest of the network."""
 
 
+def _abort_forward(qmodel: nn.Module) -> None:
+    """Leave the quantized model's capture runtime idle after a forward pass stopped by :class:`_StopForward`
+    (its entry post-hook, which normally exits the TorchFunctionMode and resets the call stack, did not run)."""
+    rt = getattr(qmodel, "runtime", None)
+    if rt is None:
+        return
+    if getattr(rt, "mode", None) is not None:
+        rt.mode.__exit__(None, None, None)
+    if hasattr(rt, "_reset"):
+        rt._reset()
+
+
+def _resolve_pending(qmodel: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The quantized value of ``x`` if the runtime holds it as a pending site output (a tensor whose quantizer acts
+    at its first consumer, i.e. inside the unit), else ``x``."""
+    rt = getattr(qmodel, "runtime", None)
+    if rt is None or getattr(rt, "pending", None) is None:
+        return x
+    return rt.resolve(x)
+
+
 def _capture(
     qmodel: nn.Module,
     unit: Unit,
@@ -315,11 +327,14 @@ def _capture(
 ) -> torch.Tensor:
     """Run ``qmodel`` over the calibration set and stack the unit's ``which`` = "input" | "output" tensors.
 
+    The input is taken as the unit sees it (a pending site output is quantized first); the forward stops right
+    after the unit's tensor is captured.
+
     Returns:
         ``(N, ...)`` float32 on ``device``.
 
     Raises:
-        ReconstructionError: the unit is not called, called twice per forward, or its input/output is not one tensor.
+        ReconstructionError: the unit is not called, or its input/output is not one tensor.
     """
     chunks: list[torch.Tensor] = []
     calls = [0]
@@ -328,14 +343,16 @@ def _capture(
         calls[0] += 1
         if not args or not isinstance(args[0], torch.Tensor):
             raise ReconstructionError(f"unit {unit.name!r} does not take one tensor; it cannot be reconstructed alone")
-        chunks.append(args[0].detach().float())
+        with torch._C.DisableTorchFunction():
+            chunks.append(_resolve_pending(qmodel, args[0]).detach().float().clone())
         raise _StopForward
 
     def post_hook(_m, _args, output):
         calls[0] += 1
         if not isinstance(output, torch.Tensor):
             raise ReconstructionError(f"unit {unit.name!r} does not return one tensor; it cannot be reconstructed")
-        chunks.append(output.detach().float())
+        with torch._C.DisableTorchFunction():
+            chunks.append(_resolve_pending(qmodel, output).detach().float().clone())
         raise _StopForward
 
     handle = (
@@ -351,6 +368,8 @@ def _capture(
                     qmodel(images_nchw[start : start + batch_size].to(device))
                 except _StopForward:
                     pass
+                finally:
+                    _abort_forward(qmodel)
                 if calls[0] != 1:
                     raise ReconstructionError(f"unit {unit.name!r} was not called during the forward pass")
     finally:
@@ -419,7 +438,8 @@ def reconstruct_unit(
     Args:
         unit: the unit (its weight layers carry a calibrated ``weight_quantizer``).
         inputs: ``(N, ...)`` the unit's inputs in the quantized model, float32, on the unit's device.
-        targets: ``(N, ...)`` the unit's float outputs.
+        targets: ``(N, ...)`` the unit's float outputs (clipped here to the output quantizer's range for a
+            single-layer unit, see :func:`_output_clip`).
         config: settings; reg_weight: rounding-regularizer weight; generator: seeded CPU generator.
 
     Returns:
@@ -427,14 +447,14 @@ def reconstruct_unit(
         unit over all cached inputs with nearest rounding and after reconstruction; ``reverted`` is 1.0 when
         ``keep_best`` restored nearest rounding.
     """
+    clip = _output_clip(unit.module)
+    if clip is not None:
+        targets = targets.clamp(*clip)
     layers = [m for m in unit.module.modules() if is_weight_layer(m)]
     loss_before = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
-    snapshot = {k: v.detach().clone() for k, v in unit.module.state_dict().items()}
-    roundings = []
-    for layer in layers:
-        scale, zero_point, qmin, qmax = _weight_grid(layer)
-        roundings.append(AdaRoundWeight(layer.weight.detach(), scale, zero_point, qmin, qmax).to(layer.weight.device))
-    act_scales = _learnable_act_scales(unit.module) if config.learn_act_scales else []
+    snapshot = {k: v.detach().clone() for k, v in unit.module.state_dict().items() if isinstance(v, torch.Tensor)}
+    roundings = [_adaround_for(layer).to(layer.weight.device) for layer in layers]
+    act_scales, switched = _make_act_scales_learnable(unit.module) if config.learn_act_scales else ([], [])
     opt = RoundingOptimization(
         iters=config.iters,
         batch_size=config.batch_size,
@@ -445,7 +465,9 @@ def reconstruct_unit(
         warmup=config.warmup,
         act_lr=config.act_lr,
     )
-    with _substituted_rounding(layers, roundings):
+    try:
+        for layer, r in zip(layers, roundings, strict=True):
+            layer.weight_rounding = LearnedRounding(r)
         optimize_rounding(
             unit.module, roundings, inputs, targets, opt, act_scales, generator, progress, desc=f"rounding {unit.name}"
         )
@@ -454,16 +476,23 @@ def reconstruct_unit(
             optimize_rounding(
                 unit.module, [], inputs, targets, act_opt, act_scales, generator, progress, desc=f"act {unit.name}"
             )
-    for layer, r in zip(layers, roundings, strict=True):
-        r.soft = False
-        with torch.no_grad():
-            layer.weight.data.copy_(r().to(layer.weight.dtype))
-    for a in act_scales:
-        a.requires_grad_(False)
+        # bake the hard rounding into the weight: it lies on the grid, so round-to-nearest reproduces it
+        for layer, r in zip(layers, roundings, strict=True):
+            r.soft = False
+            with torch.no_grad():
+                w_q = layer.quantized_weight().detach().clone()
+                layer.weight.copy_(w_q)
+    finally:
+        for layer in layers:
+            layer.weight_rounding = None
+        for a in act_scales:
+            a.requires_grad_(False)
+        for q in switched:
+            q.make_learnable(False)
     loss_after = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
     reverted = bool(config.keep_best and not loss_after <= loss_before)
     if reverted:
-        unit.module.load_state_dict(snapshot)
+        unit.module.load_state_dict(snapshot, strict=False)
         loss_after = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
     return {"loss_before": loss_before, "loss_after": loss_after, "reverted": float(reverted)}
 
@@ -506,6 +535,7 @@ def reconstruct(
     units = partition_units(qmodel, config.mode)
     _set_quant_state(qmodel, True, True)
     units = _call_order(qmodel, units, images[:1].to(dev))
+    torch.manual_seed(config.seed)
     report = []
     bar = tqdm(units, desc=f"{config.mode.value} units", disable=not progress)
     for k, unit in enumerate(bar):

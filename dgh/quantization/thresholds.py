@@ -34,7 +34,10 @@ class SiteStats:
     n_seen: int = 0
 
     def sample_tensor(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+        """The subsample plus the exact min and max (so that a clipping candidate always pays for the extremes)."""
+        if not self.samples:
+            return torch.zeros(1)
+        return torch.cat([*self.samples, torch.tensor([self.min, self.max], dtype=torch.float32)])
 
 
 class ActivationObserver:
