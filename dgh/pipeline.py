@@ -59,6 +59,27 @@ def float_id(model: str) -> str:
     return f"{model}-float"
 
 
+def ensure_ultralytics_font(root: Path) -> None:
+    """Point ``YOLO_CONFIG_DIR`` (if unset) at ``<root>/.cache/ultralytics`` and put a local ``Arial.ttf`` there.
+
+    Ultralytics looks for Arial.ttf in its config folder whenever it plots or validates and downloads it when missing;
+    with no network that fails. matplotlib's DejaVuSans serves as the fallback (same as ``run.sh`` does).
+    """
+    import shutil
+
+    cfg = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(root / ".cache" / "ultralytics")))
+    try:
+        cfg.mkdir(parents=True, exist_ok=True)
+        if not (cfg / "Arial.ttf").is_file():
+            import matplotlib
+
+            font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+            for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+                shutil.copyfile(font, cfg / name)
+    except OSError:
+        pass  # a read-only location: ultralytics then only warns
+
+
 def _tracker(root: Path, enabled: bool) -> Tracker | None:
     if not enabled or os.environ.get("DGH_TRACKING", "1").lower() in ("0", "false", "no", "off"):
         return None
@@ -364,6 +385,7 @@ def run_stage(stage: str, item: str | None, params_path: str | os.PathLike = "pa
     configure_offline()
     params = load_params(params_path)
     root = project_root(params_path)
+    ensure_ultralytics_font(root)
     if stage not in STAGE_NAMES:
         raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGE_NAMES)}")
     if stage == "report":

@@ -122,6 +122,28 @@ def table_markdown(cells: list[Cell], task: str, model: str) -> str:
     return "\n".join(lines)
 
 
+def dgh_comparison_markdown(cells: list[Cell], task: str, model: str) -> str:
+    """Per setting: the ``dgh`` cell minus float, real and noise (same units as the table); empty if no dgh row."""
+    mine = [c for c in cells if c.task == task and c.model == model]
+    settings = [s for s in dict.fromkeys(c.setting for c in mine if c.row == "dgh")]
+    if not settings:
+        return ""
+    digits = PRIMARY[task][2]
+    others = [r for r in SOURCE_ORDER if r != "dgh" and any(c.row == r for c in mine)]
+    lines = ["| setting | " + " | ".join(f"dgh − {r}" for r in others) + " |", "|---|" + "---:|" * len(others)]
+    for s in settings:
+        d = next(c for c in mine if c.row == "dgh" and c.setting == s)
+        vals = []
+        for r in others:
+            o = next((c for c in mine if c.row == r and (c.setting == s or r == "float")), None)
+            if d.value is None or o is None or o.value is None:
+                vals.append("—")
+            else:
+                vals.append(f"{d.value - o.value:+.{digits}f}")
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def _set_description(params: Params, set_id: str) -> str:
     g = params.generate[set_id]
     if g.source is Source.REAL:
@@ -158,6 +180,9 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") 
             out.append("")
             out.append(table_markdown(cells, task, model))
             out.append("")
+            comparison = dgh_comparison_markdown(cells, task, model)
+            if comparison:
+                out += ["DGH against the other calibration sources (positive = DGH higher):", "", comparison, ""]
             used = list(dict.fromkeys(e.calib for e in section.experiments.values() if e.model == model))
             for sid in used:
                 out.append(f"- `{sid}` ({params.generate[sid].source.value}): {_set_description(params, sid)}")

@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "stages", "mlflow.db", "mlartifacts", "mlruns", "__pycache__",
-                                     "*.egg-info", ".pytest_cache", "tmp", "cache", ".dvc_tmp")
+                                     "*.egg-info", ".pytest_cache", "tmp", "cache", ".cache")
 
 
 def tiny_params(assets: Path, val_dir: Path) -> dict:

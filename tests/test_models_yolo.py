@@ -106,7 +106,9 @@ def test_decode_anchor_hand_computed() -> None:
 def test_ultralytics_name_needs_local_weights(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="would download"):
         load_model("yolov8n")
-    with pytest.raises(ModelLoadError, match="not a local file"):
+    with pytest.raises(ModelLoadError, match="would download"):
+        load_model("yolov8n", "yolov8n.pt")  # a bare asset name: ultralytics would fetch it
+    with pytest.raises(ModelLoadError, match="not found"):
         load_model("yolov8n", str(tmp_path / "yolov8n.pt"))
 
 

@@ -98,31 +98,43 @@ def test_partition_ultralytics_layers_and_detect_levels():
         assert [n for n in head if f".{branch}." in n] == [f"model.model.{last}.{branch}.{j}" for j in range(3)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """2 shared CPU cores: intra-op threads only add contention for these tiny tensors."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_block_reconstruction_lowers_block_output_mse():
+    """Weights-only W4 (activations float, as in BRECQ's weight pass): the block-output error is then pure weight
+    rounding error, which learned rounding cuts (measured: about 0.49x after 300 steps)."""
     loaded, calib = _tiny_resnet(), _images(64)
     q = _quantize(loaded, calib)
     unit = Unit("model.layer2.0", q.model.layer2[0])
-    set_quant_state(q, True, True)
-    inputs = _capture(q, unit, calib, torch.device("cpu"), 32, "input")
     set_quant_state(q, False, False)
+    inputs = _capture(q, unit, calib, torch.device("cpu"), 32, "input")
     targets = _capture(q, unit, calib, torch.device("cpu"), 32, "output")
-    set_quant_state(q, True, True)
+    set_quant_state(q, True, False)
     assert inputs.shape == (64, 16, 16, 16) and targets.shape == (64, 32, 8, 8)
     cfg = ReconstructionConfig(iters=300, act_iters=0, batch_size=16, lr=1e-2, keep_best=False)
     stats = reconstruct_unit(unit, inputs, targets, cfg, 0.01, torch.Generator().manual_seed(0), progress=False)
-    assert stats["loss_after"] < 0.9 * stats["loss_before"], stats
+    assert stats["loss_after"] < 0.7 * stats["loss_before"], stats
+    set_quant_state(q, True, True)
     # the model's own forward still works after the capture passes were cut short
     with torch.no_grad():
         assert q(calib[:2]).shape == (2, 10)
 
 
-@pytest.mark.parametrize("preset", ["pot", "paper"])
-def test_brecq_tiny_resnet_end_to_end(preset, tmp_path):
+# pot at W4A8 (the setting measured on ResNet-20), paper at W4A4 (the paper's headline setting)
+@pytest.mark.parametrize(("preset", "a_bits"), [("pot", 8), ("paper", 4)])
+def test_brecq_tiny_resnet_end_to_end(preset, a_bits, tmp_path):
     loaded, calib = _tiny_resnet(), _images(64)
     test_images = _images(64, seed=7)
     rec = ReconstructionConfig(iters=150, act_iters=20, batch_size=16, lr=1e-2, seed=3)
-    q_mse = _quantize(loaded, calib, preset)
-    q = _quantize(loaded, calib, preset, algorithm="brecq", rec=rec)
+    q_mse = _quantize(loaded, calib, preset, a_bits)
+    q = _quantize(loaded, calib, preset, a_bits, algorithm="brecq", rec=rec)
     report = q.reconstruction_report
     assert [r["unit"] for r in report] == [u.name for u in partition_units(q, "brecq")]
     assert all(r["loss_after"] <= r["loss_before"] for r in report), report  # keep_best guarantees it

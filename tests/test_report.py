@@ -97,3 +97,16 @@ def test_write_report_outputs(tmp_path):
         assert im.height > 150
     data = json.loads((out / "results.json").read_text())
     assert {c["experiment"] for c in data["cells"]} >= {"r-dgh-w8", "resnet20_cifar10-float", "y-dgh-w8"}
+
+
+def test_dgh_comparison_rows(tmp_path):
+    from dgh.report import dgh_comparison_markdown
+
+    params = _params(tmp_path)
+    _write(tmp_path, "imagenet", "resnet20_cifar10-float", {"top1": 81.0, "top5": 99.0, "n_images": 100})
+    for eid, v in {"r-real-w8": 80.5, "r-dgh-w8": 80.25, "r-noise-w8": 70.0, "r-dgh-w4": 75.0}.items():
+        _write(tmp_path, "imagenet", eid, {"top1": v, "top5": 99.0, "n_images": 100})
+    lines = dgh_comparison_markdown(collect(params, tmp_path), "imagenet", "resnet20_cifar10").splitlines()
+    assert lines[0] == "| setting | dgh − float | dgh − real | dgh − noise |"
+    assert lines[2] == "| W8A8 pot mse | -0.75 | -0.25 | +10.25 |"
+    assert lines[3] == "| W4A8 pot mse | -6.00 | — | — |"

@@ -444,6 +444,9 @@ def generate_images(
         elapsed_before = 0.0
     else:
         model.eval().to(dev)
+        grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in grad_flags:  # the images are the only parameters (method.md, notation)
+            p.requires_grad_(False)
         try:
             run = _Run(loaded, config, dev)
             if run.fast:
@@ -499,6 +502,8 @@ def generate_images(
             settings["last_bn_layers"] = [run.layers[i][0] for i in run.last_bns]
             settings["num_bn_layers"] = len(run.layers)
         finally:
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
             model.to(home)
             if config.speed is Speed.FAST:
                 model.to(memory_format=torch.contiguous_format)

@@ -39,6 +39,8 @@ class ModelLoadError(ValueError):
     """A model name, weights file or checkpoint could not be used. The message is one actionable line."""
 
 
+RANDOM_WEIGHTS = "random"  # ``weights=`` value that builds any family with random weights (tests, smoke runs)
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -117,7 +119,6 @@ def _load_cifar(name: str, weights: str | None, imgsz: int | None) -> LoadedMode
     return LoadedModel(spec=spec, model=model.eval(), weights=weights)
 
 
-RANDOM_WEIGHTS = "random"
 DEFAULT_DETECTION_IMGSZ = 640
 YOLOV5_NAMES = tuple(f"yolov5{s}" for s in "nsmlx")
 # YOLOv5 v6.x scales: (depth_multiple, width_multiple); models/yolov5{n,s,m,l,x}.yaml
@@ -248,18 +249,18 @@ def _load_yolov5(name: str, weights: str | None, imgsz: int | None) -> LoadedMod
                               "yaml": info["yaml"]})
 
 
-def _registry() -> dict[str, tuple[Callable[[str], ModelSpec], Callable[[str, str | None, int | None], LoadedModel]]]:
+def _registry() -> dict[str, tuple[Callable[[], ModelSpec], Callable[[str, str | None, int | None], LoadedModel]]]:
     from dgh.models.torchvision_models import torchvision_names
     from dgh.models.ultralytics_models import ULTRALYTICS_NAMES
 
-    reg: dict = {f"resnet{d}_cifar10": (lambda n: _cifar_spec(int(n[6:-8])), _load_cifar) for d in CIFAR_DEPTHS}
-    reg.update({n: (_torchvision_spec, _load_torchvision) for n in torchvision_names()})
-    reg.update({n: (_ultralytics_spec, _load_ultralytics_name) for n in ULTRALYTICS_NAMES})
-    reg.update({n: (_yolov5_spec, _load_yolov5) for n in YOLOV5_NAMES})
+    reg: dict = {f"resnet{d}_cifar10": ((lambda d=d: _cifar_spec(d)), _load_cifar) for d in CIFAR_DEPTHS}
+    reg.update({n: ((lambda n=n: _torchvision_spec(n)), _load_torchvision) for n in torchvision_names()})
+    reg.update({n: ((lambda n=n: _ultralytics_spec(n)), _load_ultralytics_name) for n in ULTRALYTICS_NAMES})
+    reg.update({n: ((lambda n=n: _yolov5_spec(n)), _load_yolov5) for n in YOLOV5_NAMES})
     return reg
 
 
-# name -> (spec factory taking the name, loader(name, weights, imgsz)).
+# name -> (spec factory (no arguments; detection specs at imgsz 640), loader(name, weights, imgsz)).
 REGISTRY = _registry()
 
 
@@ -288,7 +289,7 @@ def list_models() -> list[ModelSpec]:
 
     Detection specs are given at the default ``imgsz`` 640.
     """
-    return [REGISTRY[k][0](k) for k in sorted(REGISTRY)]
+    return [REGISTRY[k][0]() for k in sorted(REGISTRY)]
 
 
 def get_spec(name: str, imgsz: int | None = None) -> ModelSpec:
@@ -302,7 +303,7 @@ def get_spec(name: str, imgsz: int | None = None) -> ModelSpec:
         ModelLoadError: unknown name, or ``imgsz`` not a multiple of 32.
     """
     if name in REGISTRY:
-        spec = REGISTRY[name][0](name)
+        spec = REGISTRY[name][0]()
     elif _is_path_name(name):
         family = _sniff_checkpoint_family(name)
         spec = (_yolov5_spec if family == "yolov5_classic" else _ultralytics_spec)(Path(name).stem)

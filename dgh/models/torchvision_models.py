@@ -18,8 +18,6 @@ import torch
 
 from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
-RANDOM_WEIGHTS = "random"
-
 # lambda_out of the output distribution stretching loss, from the DGH paper code (method.md section 3);
 # other torchvision models get MCT's single default 1e-5 and must be swept.
 _OUTPUT_LOSS_WEIGHT = {"resnet18": 3e-7, "resnet50": 1e-7, "mobilenet_v2": 3e-5}
@@ -84,7 +82,7 @@ def build_torchvision(name: str, weights: str | None) -> tuple[torch.nn.Module, 
     """
     import torchvision
 
-    from dgh.models.registry import ModelLoadError, _load_state_dict_file, load_state_dict_strict
+    from dgh.models.registry import RANDOM_WEIGHTS, ModelLoadError, _load_state_dict_file, load_state_dict_strict
 
     model = torchvision.models.get_model(name, weights=None)
     if weights == RANDOM_WEIGHTS:

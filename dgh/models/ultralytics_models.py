@@ -113,6 +113,8 @@ def load_ultralytics(source: str) -> tuple[nn.Module, dict]:
         except Exception as exc:  # noqa: BLE001 - ultralytics raises assorted errors for a bad yaml
             raise ModelLoadError(f"cannot build an ultralytics model from {source} ({type(exc).__name__}: {exc})"[:300]) from None
     elif suffix == ".pt":
+        if not Path(source).is_file() and Path(source).parent != Path("."):
+            raise ModelLoadError(f"weights file not found: {source} (pass --weights PATH to an existing .pt)")
         if not Path(source).is_file():
             raise ModelLoadError(
                 f"{source} is not a local file; ultralytics would download it. Offline, pass --weights PATH to a "

@@ -320,8 +320,8 @@ def save_quantized(qmodel: QuantizedModel, path: str | Path, meta: dict | None =
         "folded_pairs": [list(p) for p in qmodel.folded_pairs],
         "state_dict": state,
         "versions": {
-            "dgh": getattr(dgh, "__version__", "0"),
-            "torch": torch.__version__,
+            "dgh": str(getattr(dgh, "__version__", "0")),
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
         },
         "meta": meta or {},
