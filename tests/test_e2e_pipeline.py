@@ -126,7 +126,8 @@ def test_repro_writes_real_metrics_and_report(project):
     losses = json.loads((gen / "losses.json").read_text())
     assert [r["iteration"] for r in losses] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in losses)
     md = (root / "reports" / "results.md").read_text()
-    assert "—" not in md  # every cell filled
+    cells = json.loads((root / "reports" / "results.json").read_text())["cells"]
+    assert len(cells) == 4 + 1 + 1 + 1 and all(c["value"] is not None for c in cells)  # every cell filled
     assert "| dgh | " in md and "| noise | " in md and "W4A8 pot mse" in md
     for png in ("accuracy.png", "calibration_images.png"):
         assert (root / "reports" / png).stat().st_size > 1000

@@ -275,7 +275,8 @@ class _Run:
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         canvases_all = init_canvases(cfg.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
-        canvases = [canvases_all[s].clone().to(self.device).requires_grad_(True) for s in self.slices]
+        # detached slices share one storage on CPU (no second copy of the set); .to() copies on CUDA
+        canvases = [canvases_all[s].detach().to(self.device).requires_grad_(True) for s in self.slices]
         state = _State(canvases, [], [], [], [], [], gen)
         self._build_optimizers(state)
         n_entries = len(self.layers) + 1
@@ -339,8 +340,13 @@ class _Run:
         return {"loss": loss_value, "bn": float(terms["bn"].detach()), "out": float(terms["out"].detach())}
 
     def final_images(self, state: _State) -> torch.Tensor:
+        """Final views of all canvases, float32 ``(N, 3, H, W)`` on CPU, filled batch by batch (no 2x peak)."""
+        h, w = self.spec.input_size
+        out = torch.empty(self.config.n_images, 3, h, w, dtype=torch.float32)
         with torch.no_grad():
-            return torch.cat([self.pipeline.final_view(c.detach()).float().cpu() for c in state.canvases])
+            for s, c in zip(self.slices, state.canvases):
+                out[s] = self.pipeline.final_view(c.detach()).float().cpu()
+        return out
 
     # --- checkpointing -------------------------------------------------------------------------------------------
     def checkpoint_dict(self, state: _State) -> dict:

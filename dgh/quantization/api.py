@@ -280,6 +280,7 @@ def quantize_model(
 
         qmodel = reconstruct(qmodel, images, config.reconstruction, dev, progress)
         qmodel.quant_config = config.to_json_dict()
+        qmodel.example_shape = [1, *images.shape[1:]]
     return qmodel.eval()
 
 

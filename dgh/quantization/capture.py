@@ -30,19 +30,31 @@ pending output at its boundary is quantized there (in the full forward it might 
 lies outside the submodule). Activation quantizers live on the module that owns the op, so
 ``block.parameters()`` of a block includes its learnable activation scales (BRECQ block reconstruction).
 
-Capture options measured (``benchmarks/quantize.py --capture``; 2-core CPU, torch 2.14.1, random weights;
-"sites" = quantized activation tensors; fx/export count call_function/call_module nodes that are convs, linears,
-adds, cats, pools or upsamples):
+Capture options measured (``python benchmarks/quantize.py --capture``; 2-core CPU shared with 4 other jobs,
+torch 2.14.1, random weights, input 1x3x64x64 except CIFAR 32x32; "sites" for fx/export = graph nodes that are
+conv/linear/add/cat/pool/upsample/mean; for eager = activation quantization sites including the input):
 
-- ``torch.fx.symbolic_trace``: works on CIFAR ResNet-20 and torchvision resnet18/resnet50/mobilenet_v2; fails on
-  ultralytics YOLOv8n and classic YOLOv5n (data-dependent control flow in ``DetectionModel._predict_once`` /
-  ``Detect.forward``: iteration over ``m.f`` indices, ``if self.training`` shape checks) -- the MCT failure mode.
-- ``torch.export``: succeeds on the classifiers and on YOLO after several seconds to tens of seconds per model, but
-  yields a flattened ATen graph: the module hierarchy that BRECQ's block-wise reconstruction needs is gone, and
-  calling a block on its own is not possible.
-- eager (this module): succeeds on all four families, keeps the module hierarchy, and wraps in well under a second.
+====================  =====================  =====================  =====================
+model                 torch.fx trace         torch.export           eager (this module)
+====================  =====================  =====================  =====================
+resnet20_cifar10      ok, 30, 0.15 s         ok, 30, 4.6 s          ok, 31, 5.0 s
+resnet18 (tv)         ok, 31, 0.08 s         ok, 31, 2.9 s          ok, 32, 5.9 s
+resnet50 (tv)         ok, 72, 0.14 s         ok, 72, 7.3 s          ok, 73, 15.8 s
+mobilenet_v2 (tv)     ok, 64, 0.19 s         ok, 64, 6.9 s          ok, 65, 11.4 s
+yolov8n (ultralytics) FAILS (TraceError:     ok, 90, 8.4 s          ok, 91, 6.4 s
+                      Proxy cannot be
+                      iterated)
+yolov5n (classic,     ok, 85, 0.15 s         ok, 85, 5.1 s          ok, 86, 7.4 s
+dgh's rebuilt model)
+====================  =====================  =====================  =====================
 
-The numbers of the last measurement are in the report of issue 4 and printed by the benchmark.
+(eager time = deep copy + BN folding forward + one site-discovery forward; the machine load inflates all times.)
+
+Why eager: it is the only option that works on all four families *and* keeps the module hierarchy. ``torch.fx``
+fails on ultralytics models (the MCT failure mode). ``torch.export`` succeeds but returns a flat ATen graph: no
+submodule can be called on its own, which BRECQ block reconstruction needs, and every model pays an export of several
+seconds. The eager approach finds the same sites as the graph methods (+1: the network input, which graph node
+counts do not include).
 """
 
 from __future__ import annotations
@@ -305,8 +317,10 @@ class QuantizedModel(nn.Module):
         self._dgh_runtime = _Runtime()
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        x = self._dgh_runtime.apply("input", self.input_quantizer, x)
-        return self.model(x, *args, **kwargs)
+        # fake quantization is defined in float32: an outer fp16 autocast (e.g. AMP evaluation) is switched off here
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self._dgh_runtime.apply("input", self.input_quantizer, x.float())
+            return self.model(x, *args, **kwargs)
 
     @property
     def runtime(self) -> _Runtime:

@@ -9,15 +9,19 @@ Algorithm (:func:`reconstruct`), for each reconstruction *unit* in call order:
 
 1. Cache the unit's **input** on the whole calibration set from the quantized model (weights and activations
    quantized, earlier units already reconstructed: BRECQ's "quantized input"), and its **target** output from the
-   same model with quantization off (BN is folded, so that is the float model's output). Only this unit's tensors are
+   float model (``float_model``, the same submodule name without the ``model.`` prefix of the wrapper) or, when
+   none is given, from the quantized model with quantization off (BN is folded, so that is the float output --
+   unless bias correction changed the biases, in which case the targets carry that shift). Only this unit's tensors are
    cached: peak memory is one unit's input and output over the calibration set.
 2. Replace each weight quantizer's round-to-nearest in the unit by a learned :class:`AdaRoundWeight` and minimize
    ``||unit(x_q) - y_fp||^2 + reg_weight * f_reg`` (BRECQ eq. 9) with the activations of the unit quantized and their
    step sizes learned jointly (LSQ-style, Esser et al. 2020) where the quantizer allows it (not for power-of-two
    quantizers, whose step must stay 2^k).
 3. Optionally refine the activation step sizes alone with the weights hard-rounded (``act_iters``, paper code).
-4. Write the hard-rounded weight back into the layer's weight tensor. It lies on the quantizer's grid, so the
-   layer's own round-to-nearest reproduces it exactly: ``quantized.pt`` (the state dict) therefore carries the
+4. Keep the learned hard rounding as the layer's ``weight_rounding`` while the next units are reconstructed (the
+   float weight stays untouched, so the float path that gives later units their targets stays float). At the end,
+   write the hard-rounded weight into the layer's weight tensor (:func:`bake_learned_rounding`). It lies on the
+   quantizer's grid, so the layer's own round-to-nearest reproduces it exactly: ``quantized.pt`` (the state dict) therefore carries the
    learned rounding, and ``load_quantized`` rebuilds the exact model with no extra field or key (the weight
    quantizer's scale must be a stored tensor, not recomputed from the weight at load time).
 
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -325,6 +330,19 @@ def _capture(
     batch_size: int,
     which: str,
 ) -> torch.Tensor:
+    """See :func:`_capture_from`; ``unit.module`` is hooked and ``qmodel`` is run."""
+    return _capture_from(qmodel, unit.name, unit.module, images_nchw, device, batch_size, which)
+
+
+def _capture_from(
+    qmodel: nn.Module,
+    name: str,
+    module: nn.Module,
+    images_nchw: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    which: str,
+) -> torch.Tensor:
     """Run ``qmodel`` over the calibration set and stack the unit's ``which`` = "input" | "output" tensors.
 
     The input is taken as the unit sees it (a pending site output is quantized first); the forward stops right
@@ -342,7 +360,7 @@ def _capture(
     def pre_hook(_m, args):
         calls[0] += 1
         if not args or not isinstance(args[0], torch.Tensor):
-            raise ReconstructionError(f"unit {unit.name!r} does not take one tensor; it cannot be reconstructed alone")
+            raise ReconstructionError(f"unit {name!r} does not take one tensor; it cannot be reconstructed alone")
         with torch._C.DisableTorchFunction():
             chunks.append(_resolve_pending(qmodel, args[0]).detach().float().clone())
         raise _StopForward
@@ -350,15 +368,15 @@ def _capture(
     def post_hook(_m, _args, output):
         calls[0] += 1
         if not isinstance(output, torch.Tensor):
-            raise ReconstructionError(f"unit {unit.name!r} does not return one tensor; it cannot be reconstructed")
+            raise ReconstructionError(f"unit {name!r} does not return one tensor; it cannot be reconstructed")
         with torch._C.DisableTorchFunction():
             chunks.append(_resolve_pending(qmodel, output).detach().float().clone())
         raise _StopForward
 
     handle = (
-        unit.module.register_forward_pre_hook(pre_hook)
+        module.register_forward_pre_hook(pre_hook)
         if which == "input"
-        else unit.module.register_forward_hook(post_hook)
+        else module.register_forward_hook(post_hook)
     )
     try:
         with torch.no_grad():
@@ -371,7 +389,7 @@ def _capture(
                 finally:
                     _abort_forward(qmodel)
                 if calls[0] != 1:
-                    raise ReconstructionError(f"unit {unit.name!r} was not called during the forward pass")
+                    raise ReconstructionError(f"unit {name!r} was not called during the forward pass")
     finally:
         handle.remove()
     return torch.cat(chunks)
@@ -465,6 +483,7 @@ def reconstruct_unit(
         warmup=config.warmup,
         act_lr=config.act_lr,
     )
+    done = False
     try:
         for layer, r in zip(layers, roundings, strict=True):
             layer.weight_rounding = LearnedRounding(r)
@@ -476,15 +495,13 @@ def reconstruct_unit(
             optimize_rounding(
                 unit.module, [], inputs, targets, act_opt, act_scales, generator, progress, desc=f"act {unit.name}"
             )
-        # bake the hard rounding into the weight: it lies on the grid, so round-to-nearest reproduces it
-        for layer, r in zip(layers, roundings, strict=True):
-            r.soft = False
-            with torch.no_grad():
-                w_q = layer.quantized_weight().detach().clone()
-                layer.weight.copy_(w_q)
+        # the hard rounding stays set as `weight_rounding` (the float weight is untouched, so the float path that
+        # gives later units their targets stays float); `reconstruct` bakes it into the weights at the end
+        done = True
     finally:
-        for layer in layers:
-            layer.weight_rounding = None
+        if not done:
+            for layer in layers:
+                layer.weight_rounding = None
         for a in act_scales:
             a.requires_grad_(False)
         for q in switched:
@@ -492,9 +509,31 @@ def reconstruct_unit(
     loss_after = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
     reverted = bool(config.keep_best and not loss_after <= loss_before)
     if reverted:
+        for layer in layers:
+            layer.weight_rounding = None
         unit.module.load_state_dict(snapshot, strict=False)
         loss_after = _unit_loss(unit.module, inputs, targets, config.cache_batch_size)
     return {"loss_before": loss_before, "loss_after": loss_after, "reverted": float(reverted)}
+
+
+def bake_learned_rounding(qmodel: nn.Module) -> None:
+    """Write each layer's learned hard rounding into its weight and clear ``weight_rounding``, in place.
+
+    The baked weight ``s * (clamp(floor(w/s) + h + z, qmin, qmax) - z)`` lies on the quantizer's grid, so the
+    layer's round-to-nearest reproduces it exactly; the state dict (``quantized.pt``) then carries the rounding with
+    no extra key.
+    """
+    for layer in qmodel.modules():
+        if is_weight_layer(layer) and isinstance(getattr(layer, "weight_rounding", None), LearnedRounding):
+            layer.weight_rounding.adaround.soft = False
+            was_enabled = layer.weight_quantizer.enabled
+            layer.weight_quantizer.enabled = True
+            with torch.no_grad():
+                w_q = layer.quantized_weight().detach().clone()
+            layer.weight_quantizer.enabled = was_enabled
+            layer.weight_rounding = None
+            with torch.no_grad():
+                layer.weight.copy_(w_q)
 
 
 def reconstruct(
@@ -503,6 +542,7 @@ def reconstruct(
     config: ReconstructionConfig | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    float_model: nn.Module | None = None,
 ) -> nn.Module:
     """AdaRound / BRECQ reconstruction of a calibrated fake-quantized model, in place.
 
@@ -514,6 +554,9 @@ def reconstruct(
         device: ``None``/"auto" = CUDA when present, else CPU. Runs in float32 (no AMP: rounding logits and the
             block MSE are sensitive to fp16 error).
         progress: one tqdm bar per unit.
+        float_model: the float model ``qmodel`` was built from (``loaded.model``): the source of the float targets.
+            Recommended: without it the targets come from ``qmodel`` with quantization off, which differs from the
+            float model where bias correction shifted biases. It is moved to ``device`` and left in eval mode.
 
     Returns:
         ``qmodel`` (the same object), in eval mode, with weights and activations quantized, and a
@@ -531,6 +574,14 @@ def reconstruct(
     qmodel.to(dev).eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
+    if float_model is not None:
+        float_model.to(dev).eval()
+    elif (getattr(qmodel, "quant_config", None) or {}).get("bias_correction"):
+        warnings.warn(
+            "reconstruction without float_model on a bias-corrected model: float targets carry the bias shift; "
+            "pass float_model=loaded.model or quantize with bias_correction=False",
+            stacklevel=2,
+        )
     reg_weight = config.reg_weight if config.reg_weight is not None else _default_reg_weight(qmodel)
     units = partition_units(qmodel, config.mode)
     _set_quant_state(qmodel, True, True)
@@ -541,8 +592,16 @@ def reconstruct(
     for k, unit in enumerate(bar):
         _set_quant_state(qmodel, True, True)
         inputs = _capture(qmodel, unit, images, dev, config.cache_batch_size, "input")
-        _set_quant_state(qmodel, False, False)
-        targets = _capture(qmodel, unit, images, dev, config.cache_batch_size, "output")
+        if float_model is not None:
+            float_name = unit.name.removeprefix("model.") if hasattr(qmodel, "input_quantizer") else unit.name
+            try:
+                float_unit = float_model.get_submodule(float_name)
+            except AttributeError:
+                raise ReconstructionError(f"float model has no submodule {float_name!r} for unit {unit.name!r}") from None
+            targets = _capture_from(float_model, float_name, float_unit, images, dev, config.cache_batch_size, "output")
+        else:
+            _set_quant_state(qmodel, False, False)
+            targets = _capture(qmodel, unit, images, dev, config.cache_batch_size, "output")
         _set_quant_state(qmodel, True, True)
         generator = torch.Generator().manual_seed(config.seed * 1000003 + k)
         stats = reconstruct_unit(unit, inputs, targets, config, reg_weight, generator, progress)
@@ -552,6 +611,7 @@ def reconstruct(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     _set_quant_state(qmodel, True, True)
+    bake_learned_rounding(qmodel)
     qmodel.reconstruction_report = report
     if not all(math.isfinite(r["loss_after"]) for r in report):
         raise ReconstructionError("reconstruction diverged (non-finite loss); lower the learning rates")
