@@ -394,9 +394,11 @@ def test_fast_mode_runs_restores_model_and_stays_close_to_exact():
     loaded = _tiny_loaded()
     cfg = _cfg(n_images=8, batch_size=4, iterations=20, output_loss="none")
     exact = generate_images(loaded, cfg, progress=False, device="cpu")
-    fast = generate_images(loaded, cfg.model_copy(update={"speed": Speed.FAST}), progress=False, device="cpu")
-    lazy = generate_images(loaded, _cfg(n_images=8, batch_size=4, iterations=20, output_loss="none",
-                                        lazy_refresh=True), progress=False, device="cpu")
+    fast = generate_images(loaded, cfg.model_copy(update={"speed": Speed.FAST, "lazy_refresh": False}),
+                           progress=False, device="cpu")
+    lazy = generate_images(loaded, _cfg(n_images=8, batch_size=4, iterations=20, output_loss="none", speed="fast"),
+                           progress=False, device="cpu")
+    assert lazy.meta["settings"]["lazy_refresh"] is True and fast.meta["settings"]["lazy_refresh"] is False
     noise = generate_images(loaded, _cfg(method="noise", n_images=8), progress=False, device="cpu")
     assert fast.images_nchw.shape == exact.images_nchw.shape and fast.images_nchw.is_contiguous()
     assert loaded.model.conv1.weight.is_contiguous()  # channels-last is undone after the run

@@ -133,7 +133,7 @@ def _brute_force_mse(x, cands, bits, signed):
 
 
 def test_mse_search_matches_brute_force_pot():
-    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
     x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))  # heavy tail: clipping pays off
     x[0] = 40.0  # a far outlier: min/max would waste the range on it
     max_abs = float(x.abs().max())
@@ -143,7 +143,6 @@ def test_mse_search_matches_brute_force_pot():
     got = search_symmetric_threshold(x, max_abs, 4, True, power_of_two=True)
     assert got == best
     assert got < 2.0 ** math.ceil(math.log2(max_abs))  # it does clip
-    _ = g
 
 
 def test_mse_search_matches_brute_force_uniform_grid_and_asymmetric():
@@ -311,3 +310,30 @@ def test_fewer_images_than_batch_and_minmax(resnet20):
     q = qm.input_quantizer
     # min/max pot: threshold is the smallest power of two >= max|x|
     assert float(q.threshold()) == 2.0 ** math.ceil(math.log2(float(x.abs().max())))
+
+
+def test_bias_correction_known_answer():
+    from dgh.models.spec import LoadedModel, ModelSpec
+
+    conv = nn.Conv2d(3, 4, 1, bias=True).eval()
+    spec = ModelSpec(name="tiny", family="test", task="classification", input_size=(4, 4), num_classes=4)
+    loaded = LoadedModel(spec=spec, model=conv)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(11)) + 1.0  # non-zero channel means
+    qm = quantize_model(loaded, x, QuantConfig(preset="pot", w_bits=2, a_bits=16, bias_correction=True),
+                        progress=False)
+    layer = qm.model
+    with torch.no_grad():
+        delta = (layer.quantized_weight() - conv.weight)[:, :, 0, 0]  # (4, 3)
+        expected = conv.bias - delta @ x.mean((0, 2, 3))
+    assert torch.allclose(layer.bias, expected, atol=1e-6)
+    assert qm.quant_config["bias_correction"] is True
+    # the float layer is untouched and the mean output error over the calibration set vanishes
+    with torch.no_grad():
+        from dgh.quantization import set_quant_state as sqs
+
+        sqs(qm, weights=True, activations=False)
+        err = (qm(x) - conv(x)).mean((0, 2, 3))
+    assert err.abs().max() < 1e-5
+    # off by default for the paper preset
+    qp = quantize_model(loaded, x, QuantConfig(preset="paper", w_bits=2), progress=False)
+    assert qp.quant_config["bias_correction"] is False and torch.allclose(qp.model.bias, conv.bias)

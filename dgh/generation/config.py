@@ -75,10 +75,10 @@ class AugmentDraw(str, Enum):
 
 
 class Speed(str, Enum):
-    """``exact``: fp32 on CPU, contiguous tensors (the paper code's CPU arithmetic). ``fast``: channels-last memory
-    format and, with ``amp=auto``, bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); BN statistics, losses,
-    images and optimizer stay fp32. The algorithm is unchanged; speed and dataset-level BN distance of both are
-    measured in benchmarks/generation.py. See also ``lazy_refresh``."""
+    """``exact``: the algorithm of method.md as written, fp32 on CPU, contiguous tensors. ``fast``: (1) lazy cache
+    refresh (see ``lazy_refresh``: one forward fewer per step), (2) channels-last memory format, (3) with
+    ``amp=auto``, bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); BN statistics, losses, images and
+    optimizer stay fp32. Speed and dataset-level BN distance of both: benchmarks/generation.py."""
 
     EXACT = "exact"
     FAST = "fast"
@@ -122,7 +122,7 @@ class GenerationConfig(BaseModel):
         speed: see :class:`Speed`.
         lazy_refresh: skip the no-grad refresh forward after each step (method.md section 1); the batch's cache entry
             takes the detached moments of the training view just computed instead (one step stale, augmented view).
-            Saves one forward per step; measured to cost quality on small budgets (see the issue note).
+            Saves one forward per step. ``None`` (default) = on with ``speed=fast``, off with ``speed=exact``.
         amp: see :class:`Amp`.
         checkpoint_every: K; with an ``out_dir``, a resumable checkpoint is written every K iterations (0 = never).
     """
@@ -156,7 +156,7 @@ class GenerationConfig(BaseModel):
     plateau_patience: int | None = Field(None, ge=0)
     min_lr: float = Field(1e-4, ge=0)
     speed: Speed = Speed.EXACT
-    lazy_refresh: bool = False
+    lazy_refresh: bool | None = None
     amp: Amp = Amp.AUTO
     checkpoint_every: int = Field(50, ge=0)
 

@@ -161,6 +161,7 @@ def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
     d["output_loss_weight"] = (
         spec.output_loss_weight if config.output_loss_weight is None else config.output_loss_weight
     )
+    d["lazy_refresh"] = (config.speed is Speed.FAST) if config.lazy_refresh is None else config.lazy_refresh
     d["plateau_patience"] = (
         max(1, config.iterations // 50) if config.plateau_patience is None else config.plateau_patience
     )
@@ -203,6 +204,7 @@ class _Run:
             self.use_amp = config.amp is Amp.ON
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
+        self.lazy_refresh = self.fast if config.lazy_refresh is None else config.lazy_refresh
         self.lambda_out = float(self.settings["output_loss_weight"])
         self.slices = batch_slices(config.n_images, config.batch_size)
         sizes = torch.tensor([s.stop - s.start for s in self.slices], dtype=torch.float32)
@@ -329,7 +331,7 @@ class _Run:
         if sched is not None:
             sched.step(loss_value)
         if self.config.statistics is Statistics.ALL:
-            if not self.config.lazy_refresh:
+            if not self.lazy_refresh:
                 ms, ss = self.batch_moments(canvas.detach())
             else:
                 ms = [m.detach().mean(0) for m, _ in moments]

@@ -125,7 +125,7 @@ def init_canvases(
     """Initialization (method.md section 2): i.i.d. N(0, 1) per pixel in normalized space, clamped to
     ``[lo, hi]``. Returns float32 ``(n, 3, *canvas_hw)`` on CPU."""
     x = torch.randn((n, 3, *canvas_hw), generator=generator, dtype=torch.float32)
-    return torch.maximum(torch.minimum(x, hi), lo)
+    return x.clamp_(min=lo.to(x), max=hi.to(x))  # in place: no second N-sized tensor
 
 
 def batch_slices(n_images: int, batch_size: int) -> list[slice]:

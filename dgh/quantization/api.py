@@ -7,7 +7,8 @@ Calibration (post-training, no labels):
    activation sites (see :mod:`dgh.quantization.capture`).
 2. Weights: per-channel thresholds/ranges from the weights alone (:mod:`dgh.quantization.thresholds`).
 3. Activations: one observe pass over the calibration images with every quantizer transparent (statistics of the
-   float network, as MCT collects them); per site the exact min/max and a bounded random subsample.
+   float network, as MCT collects them); per site the exact min/max and a bounded random subsample. The same pass
+   records each layer's per-channel input mean for weight bias correction (on by default under ``pot``).
 4. Each site's quantizer is set by the preset (signedness from the observed min under ``pot``) and the algorithm
    (``minmax`` or ``mse``; ``adaround``/``brecq`` start from ``mse`` and then call
    :func:`dgh.quantization.reconstruction.reconstruct`).
@@ -240,7 +241,13 @@ def quantize_model(
     observer = ActivationObserver(max(1, config.samples_per_site // n_batches), seed=config.seed)
     qmodel.runtime.sites = {}
     sites: dict[str, SiteInfo] = {}
-    input_means = _InputMeans(qmodel) if config.bias_correction else None
+    # default: the preset's choice for plain PTQ; off before AdaRound/BRECQ (reconstruction corrects the error and
+    # disables quantization to get its float targets, which a shifted bias would spoil)
+    reconstructs = config.algorithm in (Algorithm.ADAROUND, Algorithm.BRECQ)
+    bias_correction = (
+        (spec.bias_correction and not reconstructs) if config.bias_correction is None else config.bias_correction
+    )
+    input_means = _InputMeans(qmodel) if bias_correction else None
     try:
         for i in tqdm(range(n_batches), desc="calibrate", disable=not progress, leave=False):
             batch = images[i * bs : (i + 1) * bs].to(dev)
@@ -271,7 +278,7 @@ def quantize_model(
         if info.is_output:
             q.role = "output"
             q.bypass = not spec.quantize_output
-    qmodel.quant_config = config.to_json_dict()
+    qmodel.quant_config = {**config.to_json_dict(), "bias_correction": bool(bias_correction)}
     qmodel.example_shape = [1, *images.shape[1:]]
     qmodel.eval()
 
@@ -279,7 +286,7 @@ def quantize_model(
         from dgh.quantization.reconstruction import reconstruct  # engineer 4's module, imported lazily
 
         qmodel = reconstruct(qmodel, images, config.reconstruction, dev, progress)
-        qmodel.quant_config = config.to_json_dict()
+        qmodel.quant_config = {**config.to_json_dict(), "bias_correction": bool(bias_correction)}
         qmodel.example_shape = [1, *images.shape[1:]]
     return qmodel.eval()
 

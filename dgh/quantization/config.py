@@ -53,7 +53,10 @@ class QuantConfig(BaseModel):
         samples_per_site: bound on the activation values kept per site for the MSE search (memory bound).
         n_candidates: grid size of the non-power-of-two activation threshold searches.
         weight_candidates: grid size of the per-channel weight threshold search (shrink factors in [0.2, 1]).
-        bias_correction: correct each layer's bias for the mean error of its quantized weight (MCT default).
+        bias_correction: correct each layer's bias for the mean error of its quantized weight. ``None``: the
+            preset's default (on for ``pot`` as in MCT; off for ``paper``/``academic`` as in the paper code) for
+            ``minmax``/``mse``, off for ``adaround``/``brecq``. The resolved value is stored in
+            ``qmodel.quant_config["bias_correction"]``.
         seed: seed of the activation subsampling.
         reconstruction: engineer 4's ``ReconstructionConfig`` (a dict is converted when that module is present).
     """
@@ -68,7 +71,7 @@ class QuantConfig(BaseModel):
     samples_per_site: int = Field(default=2**16, ge=1024)
     n_candidates: int = Field(default=100, ge=2)
     weight_candidates: int = Field(default=50, ge=2)
-    bias_correction: bool = True
+    bias_correction: bool | None = None
     seed: int = 0
     reconstruction: Any = None
 

@@ -20,6 +20,7 @@ class PresetSpec:
         quantize_output: the network outputs are quantized.
         first_last_bits: bit-width of the first and last layers' weights and of the network input (None: same as
             the rest).
+        bias_correction: default of ``QuantConfig.bias_correction`` (MCT enables it; the paper code has none).
     """
 
     weight_symmetric: bool
@@ -27,12 +28,13 @@ class PresetSpec:
     act_power_of_two: bool
     quantize_output: bool
     first_last_bits: int | None
+    bias_correction: bool
 
 
 PRESETS: dict[Preset, PresetSpec] = {
-    Preset.POT: PresetSpec(True, True, True, True, None),
-    Preset.PAPER: PresetSpec(False, False, False, True, None),
-    Preset.ACADEMIC: PresetSpec(False, False, False, False, 8),
+    Preset.POT: PresetSpec(True, True, True, True, None, True),
+    Preset.PAPER: PresetSpec(False, False, False, True, None, False),
+    Preset.ACADEMIC: PresetSpec(False, False, False, False, 8, False),
 }
 
 

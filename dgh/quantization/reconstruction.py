@@ -15,8 +15,8 @@ Algorithm (:func:`reconstruct`), for each reconstruction *unit* in call order:
    cached: peak memory is one unit's input and output over the calibration set.
 2. Replace each weight quantizer's round-to-nearest in the unit by a learned :class:`AdaRoundWeight` and minimize
    ``||unit(x_q) - y_fp||^2 + reg_weight * f_reg`` (BRECQ eq. 9) with the activations of the unit quantized and their
-   step sizes learned jointly (LSQ-style, Esser et al. 2020) where the quantizer allows it (not for power-of-two
-   quantizers, whose step must stay 2^k).
+   step sizes learned jointly (LSQ-style, Esser et al. 2020; power-of-two steps through the quantizer's
+   straight-through ``2^round(log2 s)``, so they stay powers of two).
 3. Optionally refine the activation step sizes alone with the weights hard-rounded (``act_iters``, paper code).
 4. Keep the learned hard rounding as the layer's ``weight_rounding`` while the next units are reconstructed (the
    float weight stays untouched, so the float path that gives later units their targets stays float). At the end,
@@ -98,7 +98,8 @@ class ReconstructionConfig(BaseModel):
         lr: Adam learning rate of the rounding logits (1e-3).
         beta_start, beta_end, warmup: annealing of the regularizer exponent (20 -> 2 after 20 % of ``iters``).
         learn_act_scales: learn activation step sizes jointly with the rounding (LSQ-style). Power-of-two
-            quantizers keep their step.
+            quantizers learn ``log2`` through their straight-through ``2^round(log2 s)`` projection: their step
+            stays a power of two.
         act_lr: Adam learning rate of the activation step sizes (4e-4, DGH paper code), cosine decay to 0.
         act_iters: extra steps per unit that refine only the activation step sizes with the weights hard-rounded
             (paper code: 5,000). 0 disables.
