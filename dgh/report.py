@@ -216,6 +216,11 @@ def plot_accuracy(cells: list[Cell]) -> bytes:
         fcell = next((c for c in mine if c.row == "float"), None)
         if fcell is not None and fcell.value is not None:
             ax.axhline(fcell.value, color="k", linestyle="--", linewidth=1, label=f"float {fcell.value:.3g}")
+        shown = [c.value for c in mine if c.value is not None]
+        if shown:  # zoom on the range the values span, so sub-point differences stay visible
+            lo, hi = min(shown), max(shown)
+            pad = max(0.15 * (hi - lo), 0.02 * abs(hi), 1e-3)
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
         ax.set_xticks(range(len(settings)))
         ax.set_xticklabels(settings, fontsize=8)
         ax.set_ylabel(PRIMARY[task][1])

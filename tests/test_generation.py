@@ -396,8 +396,8 @@ def test_fast_mode_runs_restores_model_and_stays_close_to_exact():
     exact = generate_images(loaded, cfg, progress=False, device="cpu")
     fast = generate_images(loaded, cfg.model_copy(update={"speed": Speed.FAST, "lazy_refresh": False}),
                            progress=False, device="cpu")
-    lazy = generate_images(loaded, _cfg(n_images=8, batch_size=4, iterations=20, output_loss="none", speed="fast"),
-                           progress=False, device="cpu")
+    lazy = generate_images(loaded, _cfg(n_images=8, batch_size=4, iterations=20, output_loss="none", speed="fast",
+                                        lazy_refresh=True), progress=False, device="cpu")
     assert lazy.meta["settings"]["lazy_refresh"] is True and fast.meta["settings"]["lazy_refresh"] is False
     noise = generate_images(loaded, _cfg(method="noise", n_images=8), progress=False, device="cpu")
     assert fast.images_nchw.shape == exact.images_nchw.shape and fast.images_nchw.is_contiguous()

@@ -337,3 +337,15 @@ def test_bias_correction_known_answer():
     # off by default for the paper preset
     qp = quantize_model(loaded, x, QuantConfig(preset="paper", w_bits=2), progress=False)
     assert qp.quant_config["bias_correction"] is False and torch.allclose(qp.model.bias, conv.bias)
+
+
+def test_learnable_pot_scale_stays_power_of_two_when_frozen():
+    q = FakeQuantizer(bits=8, signed=False, power_of_two=True)
+    q.set_threshold(3.0)
+    q.make_learnable(True)
+    with torch.no_grad():
+        q.scale.mul_(1.3)  # an LSQ step moved it off the grid; forward projects it
+    x = torch.rand(100) * 4
+    y = q(x)
+    q.make_learnable(False)
+    assert is_power_of_two(q.scale) and torch.equal(q(x), y)

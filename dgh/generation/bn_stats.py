@@ -74,17 +74,55 @@ def bn_targets(layers: list[tuple[str, nn.Module]], std_eps: float, device: torc
     return out
 
 
+class _ImageMoments(torch.autograd.Function):
+    """``(mean(a), mean(a^2))`` over (H, W) with a fused backward.
+
+    Forward: two reductions and no full-size temporary (``mean(a^2) = ||a||_2^2 / HW`` via ``vector_norm``), with
+    fp32 accumulation for bf16/fp16 input. Backward: ``dL/da = g_mean / HW + a * (2 g_sq / HW)``, one ``addcmul``,
+    instead of autograd's chain of full-size mul/div/expand ops (the hooks' main cost; benchmarks/generation.py).
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        hw = a.shape[2] * a.shape[3]
+        mean = a.mean(dim=(2, 3), dtype=acc)
+        sq = torch.linalg.vector_norm(a, ord=2, dim=(2, 3), dtype=acc).square_().div_(hw)
+        ctx.save_for_backward(a)
+        return mean, sq
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor | None, g_sq: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        (a,) = ctx.saved_tensors
+        hw = a.shape[2] * a.shape[3]
+        n, c = a.shape[:2]
+        base = (g_mean / hw if g_mean is not None else a.new_zeros(n, c, dtype=torch.float32)).view(n, c, 1, 1)
+        if g_sq is None:
+            return base.to(a.dtype).expand_as(a).clone()
+        scale = (g_sq * (2.0 / hw)).view(n, c, 1, 1)
+        return torch.addcmul(base.to(a.dtype), a, scale.to(a.dtype))
+
+
 def image_moments(a_nchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-channel first and second moments over (H, W), in float32 (or float64 if the input is).
+    """Per-image, per-channel first and second moments over (H, W), in float32 (float64 if the input is).
 
     Args:
-        a_nchw: ``(n, C, H, W)``.
+        a_nchw: ``(n, C, H, W)``, any float dtype and memory format.
 
     Returns:
-        ``(mean_img, sq_img)``, each ``(n, C)``: ``mean(a)`` and ``mean(a**2)`` over H, W.
+        ``(mean_img, sq_img)``, each ``(n, C)``: ``mean(a)`` and ``mean(a**2)`` over H, W; differentiable.
     """
-    a = a_nchw if a_nchw.dtype == torch.float64 else a_nchw.float()
-    return a.mean(dim=(2, 3)), (a * a).mean(dim=(2, 3))
+    if not a_nchw.requires_grad:
+        with torch.no_grad():
+            return _ImageMoments.forward(_NoCtx(), a_nchw)
+    return _ImageMoments.apply(a_nchw)
+
+
+class _NoCtx:
+    """Stand-in ctx for a no-grad call of ``_ImageMoments.forward``."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
 
 
 class MomentRecorder:

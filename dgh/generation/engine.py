@@ -161,7 +161,6 @@ def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
     d["output_loss_weight"] = (
         spec.output_loss_weight if config.output_loss_weight is None else config.output_loss_weight
     )
-    d["lazy_refresh"] = (config.speed is Speed.FAST) if config.lazy_refresh is None else config.lazy_refresh
     d["plateau_patience"] = (
         max(1, config.iterations // 50) if config.plateau_patience is None else config.plateau_patience
     )
@@ -204,7 +203,7 @@ class _Run:
             self.use_amp = config.amp is Amp.ON
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
-        self.lazy_refresh = self.fast if config.lazy_refresh is None else config.lazy_refresh
+        self.lazy_refresh = config.lazy_refresh
         self.lambda_out = float(self.settings["output_loss_weight"])
         self.slices = batch_slices(config.n_images, config.batch_size)
         sizes = torch.tensor([s.stop - s.start for s in self.slices], dtype=torch.float32)

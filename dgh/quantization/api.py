@@ -73,6 +73,11 @@ def set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None
         q.enabled = weights if q.role == "weight" else activations
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _quant_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
 
@@ -232,7 +237,7 @@ def quantize_model(
     dev = resolve_device(device if device is None else str(device))
     spec = preset_spec(config.preset)
     images = calib_images_nchw.float()
-    qmodel = build_quantized_model(loaded.model, images[:1].cpu()).to(dev)
+    qmodel = build_quantized_model(loaded.model, images[:1].to(_model_device(loaded.model))).to(dev)
 
     # activation statistics on the float network (all quantizers transparent in the observe phase)
     n = images.shape[0]
@@ -370,7 +375,7 @@ def load_quantized(loaded: LoadedModel, path: str | Path, device: str | torch.de
     """
     payload = read_quantized_file(path)
     shape = payload.get("input_shape") or [1, 3, *loaded.spec.input_size]
-    example = torch.zeros(shape, dtype=torch.float32)
+    example = torch.zeros(shape, dtype=torch.float32, device=_model_device(loaded.model))
     qmodel = build_quantized_model(loaded.model, example)
     discover_sites(qmodel, example)
     try:

@@ -283,8 +283,9 @@ class FakeQuantizer(nn.Module):
             self.make_learnable(bool(state["learnable"]))
 
     def make_learnable(self, learnable: bool = True) -> None:
-        """Turn the scale into an ``nn.Parameter`` (LSQ) or back into a buffer, keeping its value."""
-        value = self.scale.detach().clone()
+        """Turn the scale into an ``nn.Parameter`` (LSQ) or back into a buffer, keeping its effective value (a
+        power-of-two quantizer's learned scale is projected to ``2^round(log2 s)``, as its forward used it)."""
+        value = self.effective_scale().detach().clone()
         del self.scale
         if learnable:
             self.scale = nn.Parameter(value)

@@ -518,23 +518,27 @@ def reconstruct_unit(
 
 
 def bake_learned_rounding(qmodel: nn.Module) -> None:
-    """Write each layer's learned hard rounding into its weight and clear ``weight_rounding``, in place.
+    """Write every weight layer's fake-quantized weight into its ``weight`` and clear ``weight_rounding``, in place.
 
-    The baked weight ``s * (clamp(floor(w/s) + h + z, qmin, qmax) - z)`` lies on the quantizer's grid, so the
-    layer's round-to-nearest reproduces it exactly; the state dict (``quantized.pt``) then carries the rounding with
-    no extra key.
+    Layers with a learned rounding get ``s * (clamp(floor(w/s) + h + z, qmin, qmax) - z)`` with the hard ``h``;
+    layers without one (units that ``keep_best`` reverted) get their round-to-nearest value. Either lies on the
+    quantizer's grid, so the layer's round-to-nearest reproduces it exactly: the state dict (``quantized.pt``)
+    carries the rounding with no extra key.
     """
     for layer in qmodel.modules():
-        if is_weight_layer(layer) and isinstance(getattr(layer, "weight_rounding", None), LearnedRounding):
-            layer.weight_rounding.adaround.soft = False
-            was_enabled = layer.weight_quantizer.enabled
-            layer.weight_quantizer.enabled = True
-            with torch.no_grad():
-                w_q = layer.quantized_weight().detach().clone()
-            layer.weight_quantizer.enabled = was_enabled
-            layer.weight_rounding = None
-            with torch.no_grad():
-                layer.weight.copy_(w_q)
+        if not is_weight_layer(layer) or not hasattr(layer, "quantized_weight"):
+            continue
+        rounding = getattr(layer, "weight_rounding", None)
+        if isinstance(rounding, LearnedRounding):
+            rounding.adaround.soft = False
+        was_enabled = layer.weight_quantizer.enabled
+        layer.weight_quantizer.enabled = True
+        with torch.no_grad():
+            w_q = layer.quantized_weight().detach().clone()
+        layer.weight_quantizer.enabled = was_enabled
+        layer.weight_rounding = None
+        with torch.no_grad():
+            layer.weight.copy_(w_q)
 
 
 def reconstruct(
