@@ -97,9 +97,9 @@ def worker_bare(a: argparse.Namespace) -> dict:
 
 
 def worker_mct(a: argparse.Namespace) -> dict:
+    import model_compression_toolkit as mct
     import torch
 
-    import model_compression_toolkit as mct
     from dgh.models.registry import load_model
 
     torch.set_num_threads(a.threads)

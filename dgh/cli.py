@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -200,7 +199,12 @@ def quantize_cmd(
     from dgh.data import load_calibration_set
     from dgh.io import write_json
     from dgh.pipeline import config_dict
-    from dgh.quantization import QuantConfig, quantize_model, save_quantized, write_quantization_report
+    from dgh.quantization import (
+        QuantConfig,
+        quantize_model,
+        save_quantized,
+        write_quantization_report,
+    )
 
     fields = parse_set(set_)
     fields.update(preset=preset, w_bits=w_bits, a_bits=a_bits)

@@ -240,7 +240,11 @@ def load_calibration(params: Params, set_id: str, root: Path, loaded) -> Any:
 def run_quantize(params: Params, experiment_id: str, root: Path, *, track: bool = True) -> Path:
     """Stage ``quantize``: calibrate experiment ``experiment_id``; writes ``quantized.pt``, ``quant_report.csv``,
     ``meta.json`` under ``stages/quantize/<experiment_id>/``. Opens a fresh MLflow run for the experiment."""
-    from dgh.quantization import quantize_model, save_quantized, write_quantization_report
+    from dgh.quantization import (
+        quantize_model,
+        save_quantized,
+        write_quantization_report,
+    )
 
     e = params.experiment(experiment_id)
     g = params.generation(e.calib)

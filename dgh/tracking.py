@@ -101,7 +101,9 @@ class Tracker:
 
     def __post_init__(self) -> None:
         configure_offline()
-        from mlflow.tracking import MlflowClient  # slow import; only when tracking is used
+        from mlflow.tracking import (
+            MlflowClient,  # slow import; only when tracking is used
+        )
 
         try:
             self.client = MlflowClient(tracking_uri=self.uri)

@@ -64,13 +64,14 @@ def test_missing_weights_is_one_line(tmp_path):
 
 
 def test_bad_generation_setting_is_one_line(tmp_path):
-    res = runner.invoke(app, ["generate", "--model", "resnet20_cifar10", "--out", str(tmp_path / "g"),
-                              "--set", "no_such_field=1"])
+    res = runner.invoke(app, ["generate", "--model", "resnet20_cifar10", "--weights", "random",
+                              "--out", str(tmp_path / "g"), "--set", "no_such_field=1"])
     _assert_one_line_error(res, "no_such_field")
 
 
 def test_bad_preset_and_label_choice(tmp_path):
-    res = runner.invoke(app, ["quantize", "--model", "resnet20_cifar10", "--calib", "noise", "--preset", "nonsense",
+    res = runner.invoke(app, ["quantize", "--model", "resnet20_cifar10", "--weights", "random", "--calib", "noise",
+                              "--preset", "nonsense",
                               "--out", str(tmp_path / "q")])
     _assert_one_line_error(res, "nonsense")
     res = runner.invoke(app, ["evaluate-coco", "--model", "yolov5n", "--images", str(tmp_path), "--labels",

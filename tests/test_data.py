@@ -115,7 +115,7 @@ def test_detection_data_json_and_errors(tmp_path: Path) -> None:
 
 
 def test_calibration_noise_and_tensor_files(tmp_path: Path) -> None:
-    loaded = load_model("resnet20_cifar10")
+    loaded = load_model("resnet20_cifar10", "random")
     noise = load_calibration_set("noise", loaded, n_images=8, seed=3)
     lo, hi = loaded.spec.pixel_range()
     assert noise.shape == (8, 3, 32, 32) and noise.dtype == torch.float32
@@ -139,7 +139,7 @@ def test_calibration_image_folders(tmp_path: Path) -> None:
     for c, n in (("cat", 3), ("dog", 1)):
         for i in range(n):
             _write_image(tmp_path / "cls" / c / f"{i}.png", 32, 32, value=50 * i)
-    cifar = load_model("resnet20_cifar10")
+    cifar = load_model("resnet20_cifar10", "random")
     images = load_calibration_set(tmp_path / "cls", cifar, n_images=3)
     assert images.shape == (3, 3, 32, 32)
     expected_first = cifar.spec.normalize(torch.zeros(1, 3, 32, 32))[0]  # cat/0.png is black

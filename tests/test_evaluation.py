@@ -11,7 +11,13 @@ from PIL import Image
 from torch import nn
 
 from dgh.data import DatasetError
-from dgh.evaluation import coco_map, evaluate_classification, evaluate_coco, non_max_suppression, topk_correct
+from dgh.evaluation import (
+    coco_map,
+    evaluate_classification,
+    evaluate_coco,
+    non_max_suppression,
+    topk_correct,
+)
 from dgh.models.registry import detection_spec
 from dgh.models.spec import LoadedModel, ModelSpec
 

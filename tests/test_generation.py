@@ -19,10 +19,21 @@ from dgh.generation import (
     bn_distance,
     generate_images,
 )
-from dgh.generation.bn_stats import MomentRecorder, dataset_moments, find_bn_layers, global_moments, image_moments
+from dgh.generation.bn_stats import (
+    BNTarget,
+    MomentRecorder,
+    dataset_moments,
+    find_bn_layers,
+    global_moments,
+    image_moments,
+)
 from dgh.generation.losses import bn_alignment_loss, std_from_moments
-from dgh.generation.bn_stats import BNTarget
-from dgh.generation.pipeline import ImagePipeline, gaussian_kernel_3x3, smooth, ste_clamp
+from dgh.generation.pipeline import (
+    ImagePipeline,
+    gaussian_kernel_3x3,
+    smooth,
+    ste_clamp,
+)
 from dgh.generation.scheduler import ReduceOnPlateauWithReset
 from dgh.generation.targets import find_last_bns
 from dgh.models.spec import LoadedModel, ModelSpec
@@ -228,6 +239,18 @@ def test_scheduler_halves_and_resets():
     for _ in range(4):
         s.step(4.0)
     assert s.lr == 3.0  # floored at min_lr
+
+
+def test_scheduler_relative_threshold_with_negative_losses():
+    """best = -1: an improvement needs v < -1 - 1e-4; -0.99995 (worse) and -1.00005 (too small) are bad steps."""
+    p = torch.zeros(1, requires_grad=True)
+    s = ReduceOnPlateauWithReset(torch.optim.RAdam([p], lr=16.0), factor=0.5, patience=5, threshold=1e-4)
+    s.step(-1.0)
+    s.step(-0.99995)
+    s.step(-1.00005)
+    assert s.best == -1.0 and s.num_bad == 2
+    s.step(-1.0002)
+    assert s.best == -1.0002 and s.num_bad == 0
 
 
 # --- the engine -------------------------------------------------------------------------------------------------

@@ -98,7 +98,13 @@ def test_torchvision_state_dict_and_hub_cache(tmp_path: Path, monkeypatch: pytes
     assert from_cache.weights == str(cached) and torch.equal(from_cache.model(x), ref)
 
 
+def test_cifar_resnet_without_weights_is_an_error() -> None:
+    """Random BN statistics would silently make every generated/calibrated result meaningless."""
+    with pytest.raises(ModelLoadError, match="--weights PATH"):
+        load_model("resnet20_cifar10")
+
+
 def test_load_model_freezes_parameters() -> None:
-    loaded = load_model("resnet20_cifar10")
+    loaded = load_model("resnet20_cifar10", "random")
     assert all(not p.requires_grad for p in loaded.model.parameters())
     assert loaded.spec.name == "resnet20_cifar10" and loaded.decode is None

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from dgh.models import ModelLoadError, load_model
-from dgh.models.safe_pickle import PickledObject, UnsafeCheckpointError, module_state, safe_load_checkpoint
+from dgh.models.safe_pickle import (
+    PickledObject,
+    UnsafeCheckpointError,
+    module_state,
+    safe_load_checkpoint,
+)
 from dgh.models.yolov5_classic import decode_anchor
 
 

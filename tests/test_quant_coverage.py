@@ -9,7 +9,12 @@ from torch import nn
 
 from dgh.models import load_model
 from dgh.models.registry import RANDOM_WEIGHTS
-from dgh.quantization import QuantConfig, QUANT_LAYER_TYPES, iter_quantizers, quantize_model
+from dgh.quantization import (
+    QUANT_LAYER_TYPES,
+    QuantConfig,
+    iter_quantizers,
+    quantize_model,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

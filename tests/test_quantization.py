@@ -34,7 +34,6 @@ from dgh.quantization.thresholds import (
 )
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny tensors: intra-op threading only adds sync overhead on the shared 2-core machine."""
@@ -57,7 +56,7 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def resnet20():
-    loaded = load_model("resnet20_cifar10")
+    loaded = load_model("resnet20_cifar10", "random")
     _randomize_bn(loaded.model)
     return loaded
 
@@ -271,7 +270,7 @@ def test_quantized_file_round_trip(resnet20, calib_images, tmp_path):
         path = save_quantized(qm, tmp_path / preset.value / "quantized.pt", meta={"calib": "random"})
         payload = torch.load(path, weights_only=True)  # tensors and plain types only
         assert payload["config"]["preset"] == preset.value and payload["config"]["w_bits"] == 4
-        fresh = load_model("resnet20_cifar10")  # random weights: everything must come from the file
+        fresh = load_model("resnet20_cifar10", "random")  # random weights: everything must come from the file
         re = load_quantized(fresh, path.parent)
         x = torch.randn(3, 3, 32, 32)
         with torch.no_grad():
@@ -349,3 +348,15 @@ def test_learnable_pot_scale_stays_power_of_two_when_frozen():
     y = q(x)
     q.make_learnable(False)
     assert is_power_of_two(q.scale) and torch.equal(q(x), y)
+
+
+def test_activation_observer_subsample_is_proportional_to_batch_size():
+    """A partial last batch (1/4 of the elements) contributes 1/4 of the draws: every image weighs the same."""
+    from dgh.quantization.thresholds import ActivationObserver
+
+    obs = ActivationObserver(samples_per_batch=32, seed=0)
+    obs("site", None, torch.randn(4, 250))
+    obs("site", None, torch.randn(1, 250))
+    st = obs.stats["site"]
+    assert [t.numel() for t in st.samples] == [32, 8]
+    assert st.n_seen == 1250

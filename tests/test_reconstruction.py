@@ -177,6 +177,19 @@ def test_adaround_mode_reconstructs_every_layer():
     assert len(q.reconstruction_report) == 8
 
 
+@pytest.mark.parametrize(("algorithm", "n_units"), [("adaround", 8), ("brecq", 5)])
+def test_quantize_model_algorithm_selects_reconstruction_granularity(algorithm, n_units):
+    """``QuantConfig.algorithm`` alone selects layer-wise (AdaRound: stem conv + 3 blocks x 2 convs + linear = 8
+    units) or block-wise (BRECQ: stem, 3 BasicBlocks, linear = 5 units) reconstruction, and the budget reaches it."""
+    loaded, calib = _tiny_resnet(), _images(32)
+    cfg = QuantConfig(preset="paper", w_bits=4, a_bits=4, algorithm=algorithm, bias_correction=False,
+                      reconstruction={"iters": 5, "act_iters": 0})
+    assert cfg.reconstruction.mode.value == algorithm
+    q = quantize_model(loaded, calib, cfg, device="cpu", progress=False)
+    assert len(q.reconstruction_report) == n_units
+    assert q.quant_config["reconstruction"]["mode"] == algorithm and q.quant_config["reconstruction"]["iters"] == 5
+
+
 def test_bad_inputs_raise_one_line_errors():
     loaded = _tiny_resnet()
     q = _quantize(loaded, _images(8))

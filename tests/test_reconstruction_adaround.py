@@ -14,8 +14,8 @@ from dgh.quantization.adaround import (
     init_rounding_logits,
     nearest_quantize,
     optimize_rounding,
-    rectified_sigmoid,
     reconstruction_loss,
+    rectified_sigmoid,
     rounding_regularizer,
 )
 

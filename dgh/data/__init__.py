@@ -5,7 +5,12 @@ Every loader returns tensors in the model's normalized input space (``LoadedMode
 """
 
 from dgh.data.calibration import load_calibration_set, noise_images
-from dgh.data.classification import ImageFolderDataset, balanced_subset, is_image_folder, scan_image_folder
+from dgh.data.classification import (
+    ImageFolderDataset,
+    balanced_subset,
+    is_image_folder,
+    scan_image_folder,
+)
 from dgh.data.detection import (
     COCO80_TO_91,
     DetectionData,

@@ -7,8 +7,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dgh.data.classification import ImageFolderDataset, balanced_subset, is_image_folder, scan_image_folder
-from dgh.data.images import DatasetError, hwc_uint8_to_chw_float, letterbox, list_images, read_rgb_cv2
+from dgh.data.classification import (
+    ImageFolderDataset,
+    balanced_subset,
+    is_image_folder,
+    scan_image_folder,
+)
+from dgh.data.images import (
+    DatasetError,
+    hwc_uint8_to_chw_float,
+    letterbox,
+    list_images,
+    read_rgb_cv2,
+)
 from dgh.models.spec import LoadedModel
 
 NOISE = "noise"

@@ -12,7 +12,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dgh.data.images import DatasetError, classification_transform, is_image_file, read_pil_rgb
+from dgh.data.images import (
+    DatasetError,
+    classification_transform,
+    is_image_file,
+    read_pil_rgb,
+)
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[list[Path]]]:

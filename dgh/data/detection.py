@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dgh.data.images import DatasetError, LetterboxInfo, hwc_uint8_to_chw_float, letterbox, list_images, read_rgb_cv2
+from dgh.data.images import (
+    DatasetError,
+    LetterboxInfo,
+    hwc_uint8_to_chw_float,
+    letterbox,
+    list_images,
+    read_rgb_cv2,
+)
 
 # COCO's 80 detection classes (YOLO index order) -> original category ids 1..90 (11 ids unused).
 COCO80_TO_91: tuple[int, ...] = (

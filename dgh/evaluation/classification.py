@@ -10,7 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dgh.data.classification import ImageFolderDataset, balanced_subset, scan_image_folder
+from dgh.data.classification import (
+    ImageFolderDataset,
+    balanced_subset,
+    scan_image_folder,
+)
 from dgh.data.images import DatasetError
 from dgh.env import resolve_device
 from dgh.models.spec import ModelSpec

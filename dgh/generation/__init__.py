@@ -21,7 +21,12 @@ from dgh.generation.config import (
     Speed,
     Statistics,
 )
-from dgh.generation.engine import GenerationError, GenerationResult, bn_distance, generate_images
+from dgh.generation.engine import (
+    GenerationError,
+    GenerationResult,
+    bn_distance,
+    generate_images,
+)
 
 __all__ = [
     "Amp",

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dgh.env import resolve_device
+from dgh.data.calibration import noise_images
+from dgh.env import model_device, resolve_device
+from dgh.errors import first_line
 from dgh.generation.bn_stats import (
     MomentRecorder,
     bn_targets,
@@ -36,7 +38,11 @@ from dgh.generation.config import (
     Speed,
     Statistics,
 )
-from dgh.generation.losses import bn_alignment_loss, output_stretching_loss, std_from_moments
+from dgh.generation.losses import (
+    bn_alignment_loss,
+    output_stretching_loss,
+    std_from_moments,
+)
 from dgh.generation.output import CHECKPOINT_FILE, library_versions, write_outputs
 from dgh.generation.pipeline import ImagePipeline, batch_slices, init_canvases
 from dgh.generation.scheduler import ReduceOnPlateauWithReset
@@ -79,13 +85,6 @@ class GenerationResult:
     out_dir: Path | None = None
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    if p is None:
-        p = next(iter(model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def bn_distance(
     model: nn.Module,
     images_nchw: torch.Tensor,
@@ -120,7 +119,7 @@ def bn_distance(
         shape = tuple(images_nchw.shape) if isinstance(images_nchw, torch.Tensor) else type(images_nchw).__name__
         raise ValueError(f"bn_distance needs a non-empty (N, 3, H, W) tensor, got {shape}")
     layers = find_bn_layers(model)
-    dev = resolve_device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -220,9 +219,9 @@ class _Run:
                 with torch.no_grad():
                     self.model(sample)
         except RuntimeError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise GenerationConfigError(
-                f"{self.spec.name} cannot take a {h}x{w} input (check --imgsz / the model's input size): {first}"
+                f"{self.spec.name} cannot take a {h}x{w} input (check --imgsz / the model's input size): "
+                f"{first_line(exc)}"
             ) from None
         self.recorder.check_complete()
         if self.config.output_loss is OutputLoss.PAPER and self.lambda_out > 0:
@@ -396,13 +395,6 @@ class _Run:
         return state
 
 
-def _noise_images(loaded: LoadedModel, config: GenerationConfig) -> torch.Tensor:
-    """The ``noise`` baseline: N(0, 1) in normalized space clipped to the valid pixel range, ``(N, 3, H, W)``."""
-    lo, hi = loaded.spec.pixel_range()
-    gen = torch.Generator().manual_seed(config.seed)
-    return init_canvases(config.n_images, tuple(loaded.spec.input_size), lo, hi, gen)
-
-
 def generate_images(
     loaded: LoadedModel,
     config: GenerationConfig,
@@ -441,10 +433,10 @@ def generate_images(
     out_path = Path(out_dir) if out_dir is not None else None
     ckpt_path = out_path / CHECKPOINT_FILE if out_path is not None else None
     model = loaded.model
-    home = _model_device(model)
+    home = model_device(model)
     t0 = time.perf_counter()
     if config.method is Method.NOISE:
-        images = _noise_images(loaded, config)
+        images = noise_images(loaded, config.n_images, config.seed)
         history: list[dict[str, float]] = []
         terms: dict[str, float] = {}
         settings = _resolved_config_dict(config, loaded.spec)

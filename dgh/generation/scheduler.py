@@ -2,8 +2,10 @@
 
 Rule, stepped once per iteration with the batch's total loss ``v``:
 
-- improvement: ``v < best * (1 - threshold)`` (relative threshold; ``best`` starts at +inf) -> ``best = v``,
-  ``bad = 0``; otherwise ``bad += 1``;
+- improvement: ``v < best - threshold * |best|`` (relative threshold; ``best`` starts at +inf) -> ``best = v``,
+  ``bad = 0``; otherwise ``bad += 1``. For ``best > 0`` this is torch's ``ReduceLROnPlateau`` rule
+  ``v < best * (1 - threshold)``; the ``|best|`` keeps it right for the negative totals that the output-stretching
+  term (``-range``) can produce, where torch's form would count a slightly worse value as an improvement;
 - when ``bad > patience``: ``lr = max(lr * factor, min_lr)`` for every parameter group, and the plateau tracker
   restarts (``best = +inf``, ``bad = 0``), so the next value becomes the new reference.
 """
@@ -53,7 +55,7 @@ class ReduceOnPlateauWithReset:
     def step(self, value: float) -> bool:
         """Record one loss value; return True when the learning rate was reduced by this step."""
         value = float(value)
-        if value < self.best * (1.0 - self.threshold) or self.best == math.inf:
+        if self.best == math.inf or value < self.best - self.threshold * abs(self.best):
             self.best = value
             self.num_bad = 0
             return False

@@ -2,7 +2,7 @@
 
 Families (see ``../shared/docs/architecture.md`` and issue 2):
 
-- ``cifar_resnet``: ``resnet{20,32,44,56,110}_cifar10`` (akamaster checkpoints; ``weights=None`` is random).
+- ``cifar_resnet``: ``resnet{20,32,44,56,110}_cifar10`` (akamaster checkpoints; ``--weights`` required).
 - ``torchvision``: every ``torchvision.models.list_models(module=torchvision.models)`` name
   (:mod:`dgh.models.torchvision_models`).
 - ``ultralytics``: ``yolov8{n,s,m,l,x}``, ``yolo11{n,s,m,l,x}``, or any path to an ultralytics ``.pt`` / model
@@ -25,13 +25,17 @@ Use :func:`load_model` to get a :class:`~dgh.models.spec.LoadedModel`, and :func
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dgh.models.cifar_resnet import CIFAR_DEPTHS, cifar_resnet, convert_akamaster_state_dict
+from dgh.errors import first_line
+from dgh.models.cifar_resnet import (
+    CIFAR_DEPTHS,
+    cifar_resnet,
+    convert_akamaster_state_dict,
+)
 from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec
 
 
@@ -56,7 +60,7 @@ def _cifar_spec(depth: int) -> ModelSpec:
         output_loss_weight=1e-5,
         num_classes=10,
         class_names=CIFAR10_CLASSES,
-        default_weights="random (pass --weights PATH to an akamaster .th checkpoint)",
+        default_weights="required (--weights PATH to an akamaster .th checkpoint)",
     )
 
 
@@ -71,9 +75,7 @@ def _load_state_dict_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is "not a checkpoint"
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours part of its message
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise ModelLoadError(f"{path} is not a loadable weights-only torch checkpoint ({first[:200]})") from None
+        raise ModelLoadError(f"{path} is not a loadable weights-only torch checkpoint ({first_line(exc)})") from None
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -111,9 +113,13 @@ def _load_cifar(name: str, weights: str | None, imgsz: int | None) -> LoadedMode
     depth = int(name.removeprefix("resnet").removesuffix("_cifar10"))
     spec = _cifar_spec(depth)
     model = cifar_resnet(depth)
-    if weights == RANDOM_WEIGHTS:
-        weights = None
-    if weights is not None:
+    if weights is None:
+        # BN statistics of a random network are mean 0 / var 1: generating or quantizing from them is meaningless
+        raise ModelLoadError(
+            f"{name} has no downloadable default weights: pass --weights PATH to an akamaster .th checkpoint "
+            "(or --weights random for random weights)"
+        )
+    if weights != RANDOM_WEIGHTS:
         sd = convert_akamaster_state_dict(_load_state_dict_file(Path(weights)))
         load_state_dict_strict(model, sd, str(weights))
     return LoadedModel(spec=spec, model=model.eval(), weights=weights)
@@ -190,7 +196,11 @@ def _ultralytics_spec(name: str) -> ModelSpec:
 
 
 def _wrap_ultralytics(name: str, source: str, imgsz: int | None) -> LoadedModel:
-    from dgh.models.ultralytics_models import RawDetectionModel, decode_dfl, load_ultralytics
+    from dgh.models.ultralytics_models import (
+        RawDetectionModel,
+        decode_dfl,
+        load_ultralytics,
+    )
 
     if _sniff_checkpoint_family(source) == "yolov5_classic":  # ultralytics would try to download a 'u' model
         raise ModelLoadError(f"{source} is a classic YOLOv5 checkpoint; use --model yolov5n/s/m/l/x with --weights {source}")
@@ -221,7 +231,12 @@ def _yolov5_spec(name: str) -> ModelSpec:
 
 
 def _load_yolov5(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
-    from dgh.models.yolov5_classic import YoloV5CheckpointError, build_yolov5, decode_anchor, load_yolov5_checkpoint
+    from dgh.models.yolov5_classic import (
+        YoloV5CheckpointError,
+        build_yolov5,
+        decode_anchor,
+        load_yolov5_checkpoint,
+    )
 
     scale = name.removeprefix("yolov5")
     if weights is None:
@@ -322,7 +337,7 @@ def load_model(name: str, weights: str | None = None, imgsz: int | None = None) 
         name: registry name, or a path to an ultralytics ``.pt``/``.yaml`` or a classic YOLOv5 ``.pt`` (the
             family is sniffed with the restricted unpickler).
         weights: path to a checkpoint; ``"random"`` for random weights; ``None`` for the family default
-            (random for CIFAR ResNets; torchvision DEFAULT only if already cached; otherwise an error).
+            (an error for CIFAR ResNets; torchvision DEFAULT only if already cached; otherwise an error).
         imgsz: detection only, the square network input size in pixels (multiple of 32, default 640).
 
     Returns:

@@ -82,7 +82,12 @@ def build_torchvision(name: str, weights: str | None) -> tuple[torch.nn.Module, 
     """
     import torchvision
 
-    from dgh.models.registry import RANDOM_WEIGHTS, ModelLoadError, _load_state_dict_file, load_state_dict_strict
+    from dgh.models.registry import (
+        RANDOM_WEIGHTS,
+        ModelLoadError,
+        _load_state_dict_file,
+        load_state_dict_strict,
+    )
 
     model = torchvision.models.get_model(name, weights=None)
     if weights == RANDOM_WEIGHTS:

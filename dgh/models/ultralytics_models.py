@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgh.errors import first_line
+
 ULTRALYTICS_NAMES = tuple(f"{v}{s}" for v in ("yolov8", "yolo11") for s in "nsmlx")
 
 
@@ -126,8 +128,7 @@ def load_ultralytics(source: str) -> tuple[nn.Module, dict]:
         try:
             ckpt, _ = tasks.torch_safe_load(source, safe_only=safe) if safe else tasks.torch_safe_load(source)
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"{source} is not a loadable ultralytics checkpoint ({first[:200]})") from None
+            raise ModelLoadError(f"{source} is not a loadable ultralytics checkpoint ({first_line(exc)})") from None
         net = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
         if not isinstance(net, nn.Module):
             raise ModelLoadError(f"{source} holds no ultralytics model")

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dgh.models.safe_pickle import PickledObject, UnsafeCheckpointError, iter_modules, module_state, safe_load_checkpoint
+from dgh.models.safe_pickle import (
+    PickledObject,
+    UnsafeCheckpointError,
+    iter_modules,
+    module_state,
+    safe_load_checkpoint,
+)
 
 
 class YoloV5CheckpointError(ValueError):

@@ -40,10 +40,20 @@ from dgh.quantization.api import (
     set_quant_state,
     write_quantization_report,
 )
-from dgh.quantization.capture import CaptureError, QuantizedModel, build_quantized_model, iter_quantizers
+from dgh.quantization.capture import (
+    CaptureError,
+    QuantizedModel,
+    build_quantized_model,
+    iter_quantizers,
+)
 from dgh.quantization.config import Algorithm, Preset, QuantConfig, QuantConfigError
 from dgh.quantization.fold import FoldError, fold_batch_norms
-from dgh.quantization.layers import QUANT_LAYER_TYPES, QuantConv1d, QuantConv2d, QuantLinear
+from dgh.quantization.layers import (
+    QUANT_LAYER_TYPES,
+    QuantConv1d,
+    QuantConv2d,
+    QuantLinear,
+)
 from dgh.quantization.quantizers import FakeQuantizer, QuantizerError, is_power_of_two
 
 __all__ = [

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dgh.quantization.quantizers import fake_quantize
+
 ZETA = 1.1
 GAMMA = -0.1
 
@@ -181,7 +183,7 @@ def nearest_quantize(weight: torch.Tensor, scale: torch.Tensor, zero_point, qmin
     :class:`AdaRoundWeight`); the baseline AdaRound is compared against."""
     scale = torch.as_tensor(scale, dtype=weight.dtype, device=weight.device)
     zero_point = torch.as_tensor(zero_point, dtype=weight.dtype, device=weight.device)
-    return (torch.clamp(torch.round(weight / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    return fake_quantize(weight, scale, zero_point, qmin, qmax, rounding=torch.round)
 
 
 @dataclass(frozen=True)

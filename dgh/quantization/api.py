@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dgh.env import resolve_device
+from dgh.env import model_device, resolve_device
+from dgh.errors import first_line
 from dgh.io import save_torch, write_text
 from dgh.models.spec import LoadedModel
 from dgh.quantization.capture import (
@@ -71,11 +72,6 @@ def set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None
     """
     for _, q in iter_quantizers(qmodel):
         q.enabled = weights if q.role == "weight" else activations
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _quant_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
@@ -237,7 +233,7 @@ def quantize_model(
     dev = resolve_device(device if device is None else str(device))
     spec = preset_spec(config.preset)
     images = calib_images_nchw.float()
-    qmodel = build_quantized_model(loaded.model, images[:1].to(_model_device(loaded.model))).to(dev)
+    qmodel = build_quantized_model(loaded.model, images[:1].to(model_device(loaded.model))).to(dev)
 
     # activation statistics on the float network (all quantizers transparent in the observe phase)
     n = images.shape[0]
@@ -288,9 +284,9 @@ def quantize_model(
     qmodel.eval()
 
     if config.algorithm in (Algorithm.ADAROUND, Algorithm.BRECQ):
-        from dgh.quantization.reconstruction import reconstruct  # engineer 4's module, imported lazily
+        from dgh.quantization.reconstruction import reconstruct
 
-        qmodel = reconstruct(qmodel, images, config.reconstruction, dev, progress)
+        qmodel = reconstruct(qmodel, images, config.reconstruction, dev, progress, float_model=loaded.model)
         qmodel.quant_config = {**config.to_json_dict(), "bias_correction": bool(bias_correction)}
         qmodel.example_shape = [1, *images.shape[1:]]
     return qmodel.eval()
@@ -298,16 +294,13 @@ def quantize_model(
 
 # ------------------------------------------------------------------------------------------ save / load
 def bake_weight_rounding(qmodel: QuantizedModel) -> None:
-    """Replace each layer's weight by its fake-quantized value under ``weight_rounding`` and drop the rounding
-    module, in place. Round-to-nearest of the baked weight then gives the same integers (``w_q / s`` is integral)."""
-    for layer in _quant_layers(qmodel).values():
-        if getattr(layer, "weight_rounding", None) is None:
-            continue
-        with torch.no_grad():
-            w_q = layer.quantized_weight().detach().clone()
-        layer.weight_rounding = None
-        with torch.no_grad():
-            layer.weight.copy_(w_q)
+    """Replace each layer's weight by its fake-quantized value (hard learned rounding where AdaRound/BRECQ set one,
+    nearest otherwise) and drop the rounding modules, in place; see
+    :func:`dgh.quantization.reconstruction.bake_learned_rounding`. Round-to-nearest of the baked weight gives the
+    same integers (``w_q / s`` is integral)."""
+    from dgh.quantization.reconstruction import bake_learned_rounding
+
+    bake_learned_rounding(qmodel)
 
 
 def save_quantized(qmodel: QuantizedModel, path: str | Path, meta: dict | None = None) -> Path:
@@ -356,7 +349,7 @@ def read_quantized_file(path: str | Path) -> dict:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise QuantizedFileError(f"{p} is not a weights-only torch file ({str(exc).splitlines()[0][:200]})") from None
+        raise QuantizedFileError(f"{p} is not a weights-only torch file ({first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QuantizedFileError(f"{p} is not a dgh quantized model (expected format {FORMAT})")
     return payload
@@ -375,7 +368,7 @@ def load_quantized(loaded: LoadedModel, path: str | Path, device: str | torch.de
     """
     payload = read_quantized_file(path)
     shape = payload.get("input_shape") or [1, 3, *loaded.spec.input_size]
-    example = torch.zeros(shape, dtype=torch.float32, device=_model_device(loaded.model))
+    example = torch.zeros(shape, dtype=torch.float32, device=model_device(loaded.model))
     qmodel = build_quantized_model(loaded.model, example)
     discover_sites(qmodel, example)
     try:

@@ -6,11 +6,11 @@ The presets themselves (what each one quantizes and how) are defined in :mod:`dg
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dgh.quantization.quantizers import SUPPORTED_BITS
+from dgh.quantization.reconstruction import ReconstructionConfig, ReconstructionMode
 
 
 class Preset(str, Enum):
@@ -58,7 +58,9 @@ class QuantConfig(BaseModel):
             ``minmax``/``mse``, off for ``adaround``/``brecq``. The resolved value is stored in
             ``qmodel.quant_config["bias_correction"]``.
         seed: seed of the activation subsampling.
-        reconstruction: engineer 4's ``ReconstructionConfig`` (a dict is converted when that module is present).
+        reconstruction: :class:`~dgh.quantization.reconstruction.ReconstructionConfig` (a dict is converted) used
+            by ``adaround``/``brecq``; its ``mode`` always follows ``algorithm``. Lower ``iters``/``act_iters`` for
+            CPU budgets (paper code: 20,000 + 5,000 per block).
     """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
@@ -73,7 +75,7 @@ class QuantConfig(BaseModel):
     weight_candidates: int = Field(default=50, ge=2)
     bias_correction: bool | None = None
     seed: int = 0
-    reconstruction: Any = None
+    reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
 
     @field_validator("w_bits", "a_bits")
     @classmethod
@@ -84,20 +86,18 @@ class QuantConfig(BaseModel):
 
     @field_validator("reconstruction", mode="before")
     @classmethod
-    def _reconstruction(cls, v: Any) -> Any:
-        try:
-            from dgh.quantization.reconstruction import ReconstructionConfig  # engineer 4's module, optional
-        except ImportError:
-            return v
-        if v is None:
-            return ReconstructionConfig()
-        if isinstance(v, dict):
-            return ReconstructionConfig.model_validate(v)
-        return v
+    def _default_reconstruction(cls, v: object) -> object:
+        return ReconstructionConfig() if v is None else v
+
+    @model_validator(mode="after")
+    def _sync_reconstruction_mode(self) -> QuantConfig:
+        """``algorithm`` adaround/brecq decides the reconstruction granularity (one layer vs one block)."""
+        if self.algorithm in (Algorithm.ADAROUND, Algorithm.BRECQ):
+            mode = ReconstructionMode(self.algorithm.value)
+            if self.reconstruction.mode is not mode:
+                self.reconstruction = self.reconstruction.model_copy(update={"mode": mode})
+        return self
 
     def to_json_dict(self) -> dict:
         """Plain-typed dict (enums as strings, nested config dumped) for files and MLflow params."""
-        d = self.model_dump(mode="json", exclude={"reconstruction"})
-        rec = self.reconstruction
-        d["reconstruction"] = rec.model_dump(mode="json") if hasattr(rec, "model_dump") else rec
-        return d
+        return self.model_dump(mode="json")

@@ -170,7 +170,9 @@ def _adaround_for(layer: nn.Module) -> AdaRoundWeight:
 
 
 def _set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None:
-    from dgh.quantization.api import set_quant_state  # engineer 3's API (lazy: api imports this module lazily)
+    from dgh.quantization.api import (
+        set_quant_state,  # engineer 3's API (lazy: api imports this module lazily)
+    )
 
     set_quant_state(qmodel, weights, activations)
 

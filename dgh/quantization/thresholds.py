@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgh.quantization.quantizers import asymmetric_scale_zero_point, integer_range, symmetric_scale
+from dgh.quantization.quantizers import (
+    asymmetric_scale_zero_point,
+    fake_quantize,
+    integer_range,
+    symmetric_scale,
+)
 
 
 @dataclass
@@ -32,6 +37,7 @@ class SiteStats:
     max: float = -math.inf
     samples: list[torch.Tensor] = field(default_factory=list)
     n_seen: int = 0
+    largest_batch_numel: int = 0
 
     def sample_tensor(self) -> torch.Tensor:
         """The subsample plus the exact min and max (so that a clipping candidate always pays for the extremes)."""
@@ -44,8 +50,9 @@ class ActivationObserver:
     """Callable ``(site_name, quantizer, x)`` for the observe phase of the capture runtime.
 
     Args:
-        samples_per_batch: values drawn uniformly at random (with replacement) from each observed tensor larger
-            than that.
+        samples_per_batch: values drawn uniformly at random (with replacement) from each full-size observed tensor
+            larger than that; a smaller tensor at the same site (the last, partial batch) gets a proportionally
+            smaller draw, so every calibration image weighs the same in the MSE search.
         seed: seed of the sampling generator (reproducible calibration).
     """
 
@@ -63,8 +70,10 @@ class ActivationObserver:
         st.min = min(st.min, float(lo))
         st.max = max(st.max, float(hi))
         st.n_seen += flat.numel()
-        if flat.numel() > self.samples_per_batch:
-            idx = torch.randint(flat.numel(), (self.samples_per_batch,), generator=self.generator)
+        st.largest_batch_numel = max(st.largest_batch_numel, flat.numel())
+        n_draw = math.ceil(self.samples_per_batch * flat.numel() / st.largest_batch_numel)
+        if flat.numel() > n_draw:
+            idx = torch.randint(flat.numel(), (n_draw,), generator=self.generator)
             flat = flat[idx.to(flat.device)]
         st.samples.append(flat.cpu())
 
@@ -77,7 +86,7 @@ def _mse_per_candidate(
     for i in range(0, scales.numel(), chunk):
         s = scales[i : i + chunk, None]
         z = zero_points[i : i + chunk, None]
-        q = (torch.clamp(torch.round(x[None, :] / s) + z, qmin, qmax) - z) * s
+        q = fake_quantize(x[None, :], s, z, qmin, qmax, rounding=torch.round)
         errs.append((q - x[None, :]).pow(2).mean(1))
     return torch.cat(errs)
 
@@ -150,7 +159,7 @@ def weight_thresholds_symmetric(
     for a in torch.linspace(WEIGHT_GRID_MIN, 1.0, n_candidates).tolist():
         t = max_abs * a
         s = symmetric_scale(t, bits, True)[:, None]
-        err = ((torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2).mean(1)
+        err = (fake_quantize(w, s, 0.0, qmin, qmax, rounding=torch.round) - w).pow(2).mean(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_t = torch.where(better, t, best_t)
@@ -176,7 +185,7 @@ def weight_ranges_asymmetric(
         l_a, h_a = lo * a, hi * a
         s, z = asymmetric_scale_zero_point(l_a, h_a, bits)
         s, z = s[:, None], z[:, None]
-        err = (((torch.clamp(torch.round(w / s) + z, 0, qmax) - z) * s - w) ** 2).mean(1)
+        err = (fake_quantize(w, s, z, 0, qmax, rounding=torch.round) - w).pow(2).mean(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, l_a, best_lo)
