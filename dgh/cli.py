@@ -189,7 +189,7 @@ def quantize_cmd(
     algorithm: Optional[str] = typer.Option(None, "--algorithm", help="minmax, mse (threshold by error minimization), adaround or brecq. Default: the preset's."),
     n_calib: Optional[int] = typer.Option(None, "--n-calib", min=1, help="Use at most this many calibration images (real folders: class-balanced subset). Default: all / the source's size."),
     seed: int = typer.Option(0, "--seed", help="Seed of the real-image subset / noise images."),
-    out: Path = typer.Option(..., "--out", help="Output folder: quantized.pt, quant_report.csv, meta.json."),
+    out: Path = typer.Option(..., "--out", help="Output folder: quantized.pt, quantization_report.csv, meta.json."),
     set_: Optional[list[str]] = SET_OPT,
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
@@ -220,7 +220,7 @@ def quantize_cmd(
     meta = {"model": model, "weights": str(weights) if weights else None, "calib": calib,
             "n_calib": int(images.shape[0]), "quant": config_dict(config)}
     save_quantized(qmodel, out / "quantized.pt", meta=meta)
-    write_quantization_report(qmodel, out / "quant_report.csv")
+    write_quantization_report(qmodel, out / "quantization_report.csv")
     write_json(meta, out / "meta.json")
     typer.echo(f"wrote {out}/quantized.pt ({images.shape[0]} calibration images, W{w_bits}A{a_bits} {preset})")
 

@@ -5,7 +5,7 @@ them directly. Layout of the outputs (project-relative)::
 
     stages/generate/<set-id>/            images.pt, meta.json, preview.png, losses.json  (generated sources)
                                          calib.json only                                 (real, noise)
-    stages/quantize/<exp-id>/            quantized.pt, quant_report.csv, meta.json
+    stages/quantize/<exp-id>/            quantized.pt, quantization_report.csv, meta.json
     stages/evaluate_imagenet/<exp-id>/   metrics.json   {"top1", "top5" (percent), "n_images", ...}
     stages/evaluate_imagenet/<model>-float/metrics.json (float baseline, once per model)
     stages/evaluate_coco/<exp-id>/       metrics.json   {"map", "map50" (0-1), "n_images", ...}
@@ -17,7 +17,7 @@ once per model x method and shared by every quantization setting that uses them.
 
 MLflow (:mod:`dgh.tracking`): ``generate`` logs its loss terms per iteration into a ``generate/<set-id>`` run;
 ``quantize`` opens the experiment's run (params, tags, the generation loss curves as ``gen.*`` step metrics,
-``preview.png``/``meta.json``/``quantized.pt``/``quant_report.csv`` artifacts); ``evaluate_*`` resumes it and
+``preview.png``/``meta.json``/``quantized.pt``/``quantization_report.csv`` artifacts); ``evaluate_*`` resumes it and
 logs the metrics. Float baselines get their own ``<model>-float`` runs.
 """
 
@@ -238,7 +238,7 @@ def load_calibration(params: Params, set_id: str, root: Path, loaded) -> Any:
 
 
 def run_quantize(params: Params, experiment_id: str, root: Path, *, track: bool = True) -> Path:
-    """Stage ``quantize``: calibrate experiment ``experiment_id``; writes ``quantized.pt``, ``quant_report.csv``,
+    """Stage ``quantize``: calibrate experiment ``experiment_id``; writes ``quantized.pt``, ``quantization_report.csv``,
     ``meta.json`` under ``stages/quantize/<experiment_id>/``. Opens a fresh MLflow run for the experiment."""
     from dgh.quantization import (
         quantize_model,
@@ -280,14 +280,14 @@ def run_quantize(params: Params, experiment_id: str, root: Path, *, track: bool 
             "seconds": round(seconds, 2),
         }
         save_quantized(qmodel, out_dir / "quantized.pt", meta=meta)
-        write_quantization_report(qmodel, out_dir / "quant_report.csv")
+        write_quantization_report(qmodel, out_dir / "quantization_report.csv")
         write_json(meta, out_dir / "meta.json")
         if tracker is not None and run_id is not None:
             tracker.log_history(run_id, _read_history(gen_dir / "losses.json"), prefix="gen.")
             tracker.log_metrics(run_id, {"quantize_seconds": seconds, "n_calib": int(calib.shape[0])})
             for name in ("preview.png", "meta.json", "calib.json"):
                 tracker.log_artifact(run_id, gen_dir / name, "calibration")
-            for name in ("quantized.pt", "quant_report.csv", "meta.json"):
+            for name in ("quantized.pt", "quantization_report.csv", "meta.json"):
                 tracker.log_artifact(run_id, out_dir / name, "quantization")
     return out_dir
 

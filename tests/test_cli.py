@@ -131,7 +131,7 @@ def test_generate_quantize_evaluate_roundtrip(tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     meta = json.loads((q / "meta.json").read_text())
     assert meta["n_calib"] == 4 and meta["quant"]["w_bits"] == 4
-    assert (q / "quantized.pt").stat().st_size > 0 and (q / "quant_report.csv").read_text().count("\n") > 10
+    assert (q / "quantized.pt").stat().st_size > 0 and (q / "quantization_report.csv").read_text().count("\n") > 10
 
     out = tmp_path / "m.json"
     res = runner.invoke(app, ["evaluate-imagenet", "--model", "resnet20_cifar10", "--weights", str(weights),

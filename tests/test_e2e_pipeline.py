@@ -152,7 +152,7 @@ def test_mlflow_runs_hold_real_values(project):
     assert run.data.params["quant.w_bits"] == "4" and run.data.params["calib.iters"] == "3"
     assert [m.step for m in client.get_metric_history(rid, "gen.loss")] == [1, 2, 3]
     arts = {a.path for a in client.list_artifacts(rid, "quantization")}
-    assert "quantization/quantized.pt" in arts and "quantization/quant_report.csv" in arts
+    assert "quantization/quantized.pt" in arts and "quantization/quantization_report.csv" in arts
     assert {a.path for a in client.list_artifacts(rid, "calibration")} >= {"calibration/preview.png"}
     # float baseline and generation runs are their own runs
     frun = client.get_run(tracker.find_run("resnet20_cifar10", "resnet20_cifar10-float"))
