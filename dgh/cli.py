@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from pydantic import ValidationError
 
 from dgh.env import configure_offline
+from dgh.errors import validation_error_line
 
 app = typer.Typer(
     name="dgh",
@@ -54,6 +56,8 @@ class GenMethod(str, Enum):
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return validation_error_line(exc)
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())[:500]
 
@@ -151,7 +155,7 @@ def generate_cmd(
     random_crop: Optional[bool] = typer.Option(None, "--random-crop/--no-random-crop", help="Random HxW crop of the canvas. Default on for dgh."),
     clamp: Optional[bool] = typer.Option(None, "--clamp/--no-clamp", help="Clamp to the valid pixel range (straight-through). Default on for dgh."),
     augment_draw: Optional[str] = typer.Option(None, "--augment-draw", help="Flip/crop draws: batch (paper) or image."),
-    speed: Optional[str] = typer.Option(None, "--speed", help="exact (refresh cached moments each step, paper) or fast (one forward fewer)."),
+    speed: Optional[str] = typer.Option(None, "--speed", help="exact (fp32, paper numerics) or fast (bf16 autocast on CPUs with native bf16 + channels-last; same algorithm). Skipping the per-step refresh forward is the separate lazy_refresh setting (--set lazy_refresh=true)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="auto (fp16 on CUDA, fp32 on CPU), on, off."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if one exists."),
     set_: Optional[list[str]] = SET_OPT,
@@ -186,7 +190,7 @@ def quantize_cmd(
     preset: str = typer.Option(..., "--preset", help="pot (power-of-two thresholds, MCT/IMX500), paper (all layers at target bits), academic (first/last 8 bit, float output)."),
     w_bits: int = typer.Option(8, "--w-bits", min=2, max=16, help="Weight bit-width (the x of WxAy)."),
     a_bits: int = typer.Option(8, "--a-bits", min=2, max=16, help="Activation bit-width (the y of WxAy)."),
-    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="minmax, mse (threshold by error minimization), adaround or brecq. Default: the preset's."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="minmax, mse (threshold by error minimization), adaround (layer-wise) or brecq (block-wise reconstruction). Default: mse. Reconstruction budget: --set 'reconstruction={iters: 300, act_iters: 75}' (paper code: 20000 + 5000 per block)."),
     n_calib: Optional[int] = typer.Option(None, "--n-calib", min=1, help="Use at most this many calibration images (real folders: class-balanced subset). Default: all / the source's size."),
     seed: int = typer.Option(0, "--seed", help="Seed of the real-image subset / noise images."),
     out: Path = typer.Option(..., "--out", help="Output folder: quantized.pt, quantization_report.csv, meta.json."),

@@ -41,6 +41,8 @@ from pydantic import (
     model_validator,
 )
 
+from dgh.errors import validation_error_line
+
 ASSETS_ENV = "DGH_ASSETS"
 DEFAULT_ASSETS = "../shared/assets"
 TASKS: tuple[str, ...] = ("imagenet", "coco")
@@ -309,24 +311,6 @@ class Params(_Strict):
         return entry.name or key, (str(weights) if weights else None), entry.imgsz
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-after")) or "<root>"
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = _format_loc(err.get("loc", ()))
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        return f"unknown key `{loc}`"
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if kind == "missing":
-        return f"missing key `{loc}`"
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"`{loc}`: {msg}{shown}" if loc != "<root>" else msg
-
-
 def parse_params(data: Any, root: str | os.PathLike = ".", source: str = "params.yaml") -> Params:
     """Validate a params mapping (already parsed YAML).
 
@@ -345,7 +329,7 @@ def parse_params(data: Any, root: str | os.PathLike = ".", source: str = "params
     try:
         params = Params.model_validate(data)
     except ValidationError as exc:
-        raise ParamsError(f"{source}: {_first_error(exc)}") from None
+        raise ParamsError(f"{source}: {validation_error_line(exc)}") from None
     params._root = Path(root).resolve()
     params._assets_override = os.environ.get(ASSETS_ENV) or None
     return params

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dgh.env import configure_offline
+from dgh.errors import first_line
 from dgh.io import write_json
 from dgh.params import Params, Source, load_params
 from dgh.tracking import TAG_KIND, StepLogger, Tracker
@@ -134,8 +135,9 @@ def quant_config(params: Params, experiment_id: str):
     try:
         return QuantConfig(**fields)
     except ValueError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise StageError(f"params.yaml: experiment {experiment_id}: invalid quantization setting: {first}") from None
+        raise StageError(
+            f"params.yaml: experiment {experiment_id}: invalid quantization setting: {first_line(exc, 300)}"
+        ) from None
 
 
 def config_dict(config: Any) -> dict:

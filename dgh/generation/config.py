@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dgh.errors import first_line
+
 
 class GenerationConfigError(ValueError):
     """A generation setting is invalid or does not fit the model. The message is one line."""
@@ -202,5 +204,4 @@ class GenerationConfig(BaseModel):
         except GenerationConfigError:
             raise
         except ValueError as exc:  # pydantic.ValidationError
-            first = str(exc).replace("\n", " ")[:300]
-            raise GenerationConfigError(f"invalid generation setting: {first}") from None
+            raise GenerationConfigError(f"invalid generation setting: {first_line(exc, 300)}") from None
