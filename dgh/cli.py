@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +29,7 @@ from pydantic import ValidationError
 
 from dgh.env import configure_offline
 from dgh.errors import validation_error_line
+from dgh.generation.config import Method
 
 app = typer.Typer(
     name="dgh",
@@ -44,15 +44,6 @@ EXIT_BAD_INPUT = 2
 
 class CliError(ValueError):
     """A command-line option is invalid. One line."""
-
-
-class GenMethod(str, Enum):
-    """Calibration-image generators: DGH and the baselines it is compared with."""
-
-    dgh = "dgh"
-    batch_bns = "batch-bns"
-    image_bns = "image-bns"
-    noise = "noise"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -139,7 +130,7 @@ def generate_cmd(
     weights: Optional[Path] = WEIGHTS_OPT,
     imgsz: Optional[int] = IMGSZ_OPT,
     out: Path = typer.Option(..., "--out", help="Output folder: images.pt (N,3,H,W float32, normalized), meta.json, preview.png."),
-    method: GenMethod = typer.Option(GenMethod.dgh, "--method", help="Generator: dgh (paper), batch-bns (GENIE/DeepInversion statistics), image-bns (ZeroQ statistics), noise."),
+    method: Method = typer.Option(Method.DGH, "--method", help="Generator: dgh (paper), batch-bns (GENIE/DeepInversion statistics), image-bns (ZeroQ statistics), noise."),
     n_images: Optional[int] = typer.Option(None, "--n-images", min=1, help="Number of images N. Default 1024 (paper)."),
     iters: Optional[int] = typer.Option(None, "--iters", min=0, help="Iterations; one = one pass over all batches. Default 1000 (paper)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per optimization batch n (memory knob). Default 128."),
