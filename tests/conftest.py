@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from dgh.env import configure_offline
 
@@ -39,3 +40,12 @@ def resnet20_weights(assets: Path) -> Path:
 @pytest.fixture(scope="session")
 def yolov5n_weights(assets: Path) -> Path:
     return assets / "coco" / "models" / "yolov5n.pt"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-tensor tests on one intra-op thread (threading only adds sync overhead there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ from dgh.quantization import (
     quantize_model,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync overhead
 
 
 def _on_grid(t: torch.Tensor, q) -> bool:

@@ -33,14 +33,7 @@ from dgh.quantization.thresholds import (
     weight_thresholds_symmetric,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threading only adds sync overhead on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync overhead
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -100,13 +100,7 @@ def test_partition_ultralytics_layers_and_detect_levels():
         assert [n for n in head if f".{branch}." in n] == [f"model.model.{last}.{branch}.{j}" for j in range(3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared CPU cores: intra-op threads only add contention for these tiny tensors."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync overhead
 
 
 def test_block_reconstruction_lowers_block_output_mse():
