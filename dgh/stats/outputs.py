@@ -1,0 +1,154 @@
+"""Files and MLflow records of calibration-set statistics.
+
+Files of one set (:func:`write_stats`), next to its ``images.pt``:
+
+- ``stats.json``: :class:`StatsFile`: the set's :class:`CalibrationStats`, the scalar summary (``stats.*``) and,
+  where the model has a real set, that set's statistics as ``reference`` (output coverage of real images next to
+  the synthetic ones; ``stats.output_range_ratio`` is relative to it);
+- ``stats_layers.csv``: one row per BN layer (``layer`` index, ``name``, ``channels``, ``mean_term``, ``std_term``,
+  ``bn_distance``), the data of the DVC per-layer plot (``plots:`` in ``dvc.yaml``; ``dvc plots show/diff``);
+- ``stats_output_ranges.csv``: one row per image and output (``image``, ``output``, ``range``).
+
+MLflow (:func:`log_stats`): the summary as metrics, the per-layer curves as step metrics (``stats.layer.*``, step =
+layer index ``l``), the layer names as a logged table (``stats_layers.json``), and the files and figures as
+artifacts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from dgh.io import write_text
+from dgh.stats.calibration import CalibrationStats, StatsError
+from dgh.tracking import Tracker
+
+STATS_FILE = "stats.json"
+LAYERS_FILE = "stats_layers.csv"
+RANGES_FILE = "stats_output_ranges.csv"
+LAYER_COLUMNS = ("layer", "name", "channels", "mean_term", "std_term", "bn_distance")
+LAYER_METRICS = ("bn_distance", "mean_term", "std_term")
+
+
+class StatsFile(BaseModel):
+    """Content of ``stats.json``.
+
+    Attributes:
+        stats: the set's statistics.
+        summary: ``stats.*`` scalars (:meth:`CalibrationStats.summary` against ``reference``).
+        reference: statistics of the model's real set, or ``None`` (no real set, or this is the real set).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stats: CalibrationStats
+    summary: dict[str, float]
+    reference: CalibrationStats | None = None
+
+
+def make_stats_file(stats: CalibrationStats, reference: CalibrationStats | None = None) -> StatsFile:
+    """Bundle a set's statistics with its summary (and the real set's statistics, when given).
+
+    Raises:
+        StatsError: ``reference`` comes from another model.
+    """
+    if reference is not None and reference.model != stats.model:
+        raise StatsError(f"reference statistics are of model {reference.model}, not {stats.model}")
+    return StatsFile(stats=stats, summary=stats.summary(reference), reference=reference)
+
+
+def layers_csv(stats: CalibrationStats) -> str:
+    """``stats_layers.csv`` text (columns :data:`LAYER_COLUMNS`, 10 significant digits)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LAYER_COLUMNS)
+    for layer in stats.bn_layers:
+        w.writerow([layer.index, layer.name, layer.channels, f"{layer.mean_term:.10g}", f"{layer.std_term:.10g}",
+                    f"{layer.distance:.10g}"])
+    return buf.getvalue()
+
+
+def ranges_csv(stats: CalibrationStats) -> str:
+    """``stats_output_ranges.csv`` text: ``image, output, range`` per image and output."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(("image", "output", "range"))
+    for o in stats.outputs:
+        for i, r in enumerate(o.ranges):
+            w.writerow((i, o.name, f"{r:.7g}"))
+    return buf.getvalue()
+
+
+def write_stats(out_dir: str | Path, stats: CalibrationStats, reference: CalibrationStats | None = None) -> list[Path]:
+    """Write ``stats.json``, ``stats_layers.csv`` and ``stats_output_ranges.csv`` into ``out_dir`` (atomically).
+
+    Returns:
+        The paths written.
+    """
+    out = Path(out_dir)
+    doc = make_stats_file(stats, reference)
+    return [
+        write_text(doc.model_dump_json(indent=1) + "\n", out / STATS_FILE),
+        write_text(layers_csv(stats), out / LAYERS_FILE),
+        write_text(ranges_csv(stats), out / RANGES_FILE),
+    ]
+
+
+def read_stats(path: str | Path) -> StatsFile:
+    """Read ``stats.json`` (or the folder holding it).
+
+    Raises:
+        StatsError: missing or unreadable file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / STATS_FILE
+    if not p.is_file():
+        raise StatsError(f"statistics file not found: {p} (run `dgh stats` or `dgh generate` first)")
+    try:
+        return StatsFile.model_validate_json(p.read_text())
+    except ValueError as exc:
+        raise StatsError(f"{p} is not a dgh stats.json ({str(exc).splitlines()[0][:200]})") from None
+
+
+def log_stats(
+    tracker: Tracker, run_id: str, doc: StatsFile, artifacts: Iterable[str | Path] = (), artifact_path: str = "stats"
+) -> int:
+    """Log one set's statistics to an MLflow run.
+
+    - metrics: ``doc.summary`` (``stats.bn_distance``, ``stats.clip_low``, ``stats.output_range_ratio`` ...) at step 0;
+    - step metrics ``stats.layer.bn_distance`` / ``stats.layer.mean_term`` / ``stats.layer.std_term`` with the
+      layer index as the step;
+    - a table ``stats_layers.json`` (MLflow ``log_table``) naming each layer index;
+    - ``artifacts`` (files; missing ones skipped) under ``artifact_path``.
+
+    Returns:
+        The number of metric values logged.
+    """
+    n = 0
+    tracker.log_metrics(run_id, doc.summary)
+    n += len(doc.summary)
+    layers = doc.stats.bn_layers
+    if layers:
+        history = [
+            (layer.index, {f"stats.layer.{k}": v for k, v in zip(LAYER_METRICS, (layer.distance, layer.mean_term,
+                                                                                  layer.std_term))})
+            for layer in layers
+        ]
+        n += tracker.log_history(run_id, history)
+        table = {
+            "layer": [layer.index for layer in layers],
+            "name": [layer.name for layer in layers],
+            "channels": [layer.channels for layer in layers],
+            "bn_distance": [layer.distance for layer in layers],
+            "mean_term": [layer.mean_term for layer in layers],
+            "std_term": [layer.std_term for layer in layers],
+        }
+        tracker.client.log_table(run_id, table, f"{artifact_path}/stats_layers.json")
+    for path in artifacts:
+        tracker.log_artifact(run_id, path, artifact_path)
+    return n
