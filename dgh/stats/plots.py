@@ -144,7 +144,7 @@ def plot_clipping(runs: Mapping[str, QuantizedStats], path: str | Path, title: s
         y = [max(by_name[n].clip, 1e-6) if n in by_name else np.nan for n in names]
         ax.plot(x, y, "o-", ms=3, lw=1.2, color=_colour(label, i), label=f"{label} ({qs.source}, {qs.mode.value})")
     ax.set_yscale("log")
-    ax.set_ylabel("clipping rate (fraction of values)")
+    ax.set_ylabel("clipping rate (fraction of values; floor 1e-6)")
     short = [n.removeprefix("model.").replace(".output_quantizer", "").replace("act_quantizers.", "") for n in names]
     ax.set_xticks(x)
     ax.set_xticklabels(short, rotation=90, fontsize=6)
