@@ -26,7 +26,8 @@ def two_sets():
 def test_write_and_read_stats_files(tmp_path, two_sets) -> None:
     real, synth = two_sets
     paths = write_stats(tmp_path, synth, reference=real)
-    assert [p.name for p in paths] == ["stats.json", "stats_layers.csv", "stats_output_ranges.csv"]
+    assert [p.name for p in paths] == ["stats.json", "stats_layers.csv", "stats_output_ranges.csv",
+                                       "stats_bn_layers.png", "stats_output_ranges.png"]
     doc = read_stats(tmp_path)
     assert doc.stats == synth and doc.reference == real
     assert doc.summary["stats.output_range_ratio"] == pytest.approx(synth.output_range_mean / real.output_range_mean)

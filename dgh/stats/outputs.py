@@ -7,7 +7,9 @@ Files of one set (:func:`write_stats`), next to its ``images.pt``:
   the synthetic ones; ``stats.output_range_ratio`` is relative to it);
 - ``stats_layers.csv``: one row per BN layer (``layer`` index, ``name``, ``channels``, ``mean_term``, ``std_term``,
   ``bn_distance``), the data of the DVC per-layer plot (``plots:`` in ``dvc.yaml``; ``dvc plots show/diff``);
-- ``stats_output_ranges.csv``: one row per image and output (``image``, ``output``, ``range``).
+- ``stats_output_ranges.csv``: one row per image and output (``image``, ``output``, ``range``);
+- ``stats_bn_layers.png`` and ``stats_output_ranges.png``: the per-layer BN distance and the output-range
+  histograms of the set, next to the real set when there is one (:mod:`dgh.stats.plots`).
 
 MLflow (:func:`log_stats`): the summary as metrics, the per-layer curves as step metrics (``stats.layer.*``, step =
 layer index ``l``), the layer names as a logged table (``stats_layers.json``), and the files and figures as
@@ -25,11 +27,14 @@ from pydantic import BaseModel, ConfigDict
 
 from dgh.io import write_text
 from dgh.stats.calibration import CalibrationStats, StatsError
+from dgh.stats.plots import plot_bn_layers, plot_output_ranges
 from dgh.tracking import Tracker
 
 STATS_FILE = "stats.json"
 LAYERS_FILE = "stats_layers.csv"
 RANGES_FILE = "stats_output_ranges.csv"
+BN_PLOT_FILE = "stats_bn_layers.png"
+RANGES_PLOT_FILE = "stats_output_ranges.png"
 LAYER_COLUMNS = ("layer", "name", "channels", "mean_term", "std_term", "bn_distance")
 LAYER_METRICS = ("bn_distance", "mean_term", "std_term")
 
@@ -83,19 +88,34 @@ def ranges_csv(stats: CalibrationStats) -> str:
     return buf.getvalue()
 
 
-def write_stats(out_dir: str | Path, stats: CalibrationStats, reference: CalibrationStats | None = None) -> list[Path]:
-    """Write ``stats.json``, ``stats_layers.csv`` and ``stats_output_ranges.csv`` into ``out_dir`` (atomically).
+def _label(stats: CalibrationStats, fallback: str) -> str:
+    return stats.source or fallback
+
+
+def write_stats(
+    out_dir: str | Path, stats: CalibrationStats, reference: CalibrationStats | None = None, plots: bool = True
+) -> list[Path]:
+    """Write ``stats.json``, ``stats_layers.csv``, ``stats_output_ranges.csv`` and (``plots``) the two figures into
+    ``out_dir`` (atomically).
 
     Returns:
         The paths written.
     """
     out = Path(out_dir)
     doc = make_stats_file(stats, reference)
-    return [
+    paths = [
         write_text(doc.model_dump_json(indent=1) + "\n", out / STATS_FILE),
         write_text(layers_csv(stats), out / LAYERS_FILE),
         write_text(ranges_csv(stats), out / RANGES_FILE),
     ]
+    if plots:
+        sources = {_label(stats, "this set"): stats}
+        if reference is not None:
+            sources[_label(reference, "real") if _label(reference, "real") not in sources else "real"] = reference
+        if stats.bn_layers:
+            paths.append(plot_bn_layers(sources, out / BN_PLOT_FILE))
+        paths.append(plot_output_ranges(sources, out / RANGES_PLOT_FILE))
+    return paths
 
 
 def read_stats(path: str | Path) -> StatsFile:
