@@ -27,6 +27,7 @@ from dgh.quantization import (
     save_quantized,
     set_quant_state,
 )
+from dgh.quantization.capture import copy_quantized
 from dgh.quantization.layers import FLOAT_LAYER_TYPES, to_quant_layer
 from tests.quant_audit import audit_coverage
 
@@ -165,7 +166,7 @@ def _near_lossless(loaded: LoadedModel, images: torch.Tensor) -> tuple[float, fl
     return w16, off
 
 
-def test_conv_subclasses_keep_their_same_padding():
+def test_conv_subclasses_keep_their_same_padding(tmp_path):
     torch.manual_seed(0)
     net = _SamePadNet()
     _randomize_bn(net)
@@ -183,6 +184,12 @@ def test_conv_subclasses_keep_their_same_padding():
         assert layer.padding == net.get_submodule(name).padding  # the padding stays in forward, not in the conv
     assert ("c1", "bn1") in qm.folded_pairs and ("stem", "bn0") in qm.folded_pairs
     assert audit_coverage(qm, images) == []
+    # the generated classes survive a deep copy and a save / load round trip
+    save_quantized(qm, tmp_path / "quantized.pt")
+    with torch.no_grad():
+        out = qm(images)
+        assert torch.equal(copy_quantized(qm)(images), out)
+        assert torch.equal(load_quantized(loaded, tmp_path)(images), out)
 
 
 def test_timm_tf_efficientnet_lite0_quantizes_near_lossless():
