@@ -19,7 +19,7 @@ Quantization *sites* (tensors that integer hardware materializes), seen by the m
 - conv/linear/transposed-conv outputs (quantizer ``<layer>.output_quantizer``);
 - ``add``/``sub``/``mul``/``div`` of two non-scalar tensors (``+``, ``+=``, ``torch.add`` ...), ``cat``/``stack``,
   pooling (``max/avg/adaptive`` pools, ``mean`` over dims), ``interpolate``/``Upsample``, functional
-  convs/linears, ``matmul``/``@``/``bmm``, an unfolded BN (``batch_norm``), ``layer_norm``/``group_norm``/
+  convs/linears, ``matmul``/``@``/``bmm``/``einsum``, an unfolded BN (``batch_norm``), ``layer_norm``/``group_norm``/
   ``instance_norm``, ``softmax`` (quantizer ``<owner module>.act_quantizers[<op><k>]``, ``k`` = call index of that op
   inside one call of the owner; ``@i`` is appended for the i-th repeated call of the owner within one entry call).
   When the owner is a container (``nn.Sequential``/``ModuleList``/``ModuleDict`` subclass with its own forward,
@@ -99,6 +99,7 @@ _SITE_OPS = {
     "upsample_bilinear2d": "upsample", "mean": "mean",
     "conv1d": "conv", "conv2d": "conv", "conv_transpose1d": "conv", "conv_transpose2d": "conv", "linear": "linear",
     "matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "bmm": "matmul", "mm": "matmul",
+    "einsum": "matmul",
     "batch_norm": "bn", "layer_norm": "norm", "group_norm": "norm", "instance_norm": "norm",
     "softmax": "softmax", "log_softmax": "softmax",
     **_BINARY,
