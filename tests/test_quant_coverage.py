@@ -498,3 +498,28 @@ def test_registry_sweep_every_model_covered_or_refused(name, request):
     if name in SWEEP_SUBSET:
         pytest.skip("in the always-on subset")
     _sweep_one(name)
+
+
+def test_adaround_reconstructs_transposed_and_padding_subclass_convs(tmp_path):
+    """AdaRound drives the per-channel grid along weight axis 1 of a transposed conv and the generated class of a
+    same-padding conv: afterwards each weight lies on its channel's grid and the file reloads exactly."""
+    torch.manual_seed(0)
+    net = nn.Sequential(StaticSamePadConv2d(3, 6, 3, stride=2, image_size=9), nn.ReLU(),
+                        nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 10 * 10, 3))
+    images = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(14))
+    loaded = _classifier(net, 9)
+    config = QuantConfig(preset="pot", w_bits=4, a_bits=8, algorithm="adaround",
+                         reconstruction={"iters": 20, "act_iters": 0, "batch_size": 2})
+    qm = quantize_model(loaded, images, config, progress=False)
+    for idx in ("0", "2"):
+        layer = qm.model.get_submodule(idx)
+        axis = layer.weight_quantizer.channel_axis
+        view = [1] * layer.weight.dim()
+        view[axis] = -1
+        v = layer.weight.detach() / layer.weight_quantizer.scale.view(view)
+        assert torch.allclose(v, v.round(), atol=1e-4) and v.abs().max() <= 8  # 4-bit signed: [-8, 7]
+    assert qm.model[2].weight_quantizer.channel_axis == 1
+    save_quantized(qm, tmp_path / "quantized.pt")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(loaded, tmp_path)(images), qm(images))
