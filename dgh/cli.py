@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from dgh.data import load_calibration_set
 from dgh.env import configure_offline
 from dgh.errors import validation_error_line
-from dgh.generation import Amp, AugmentDraw, GenerationConfig, Method, OutputLoss, Speed, Statistics
+from dgh.generation import GenerationConfig, Method
 from dgh.models import list_models, load_model
 from dgh.params import ParamsError, check_paths, load_params
 from dgh.pipeline.common import Project, open_project
@@ -39,7 +39,7 @@ from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
 from dgh.pipeline.generate import run_generate
 from dgh.pipeline.quantize import run_quantize
 from dgh.pipeline.report import run_report
-from dgh.quantization import Algorithm, Preset, QuantConfig
+from dgh.quantization import QuantConfig
 from dgh.runs.evaluate import ClassificationData, DetectionData, evaluate_to_file
 from dgh.runs.generate import generate_to_dir
 from dgh.runs.quantize import quantize_to_dir
@@ -64,6 +64,10 @@ def _one_line(exc: BaseException) -> str:
         return validation_error_line(exc)
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())[:500]
+
+
+# Choice options (--preset, --algorithm, --output-loss ...) are plain strings validated by the config classes, so a
+# bad value ends in the same one-line `error:` as every other bad input (click's own choice errors are a box).
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -136,17 +140,17 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of initialization, batch order and augmentation. Default 0."),
     lr: Optional[float] = typer.Option(None, "--lr", help="RAdam learning rate, normalized-pixel units. Default 16 (paper)."),
     lambda_sigma: Optional[float] = typer.Option(None, "--lambda-sigma", help="Weight of the BN std term in L_BN. Default 10 (paper; MCT 1)."),
-    output_loss: Optional[OutputLoss] = typer.Option(None, "--output-loss", help="Output distribution stretching loss: paper (-range + last-BN hinges), mct (-range), none."),
+    output_loss: Optional[str] = typer.Option(None, "--output-loss", help="Output distribution stretching loss: paper (-range + last-BN hinges), mct (-range), none."),
     output_loss_weight: Optional[float] = typer.Option(None, "--output-loss-weight", help="lambda_out. Default: the model registry's value (e.g. 1e-5)."),
-    statistics: Optional[Statistics] = typer.Option(None, "--statistics", help="BN statistics over: all (DGH global), batch, image."),
+    statistics: Optional[str] = typer.Option(None, "--statistics", help="BN statistics over: all (DGH global), batch, image."),
     canvas_pad: Optional[int] = typer.Option(None, "--canvas-pad", min=0, help="Canvas padding p in pixels (canvas H+p x W+p). Default: registry (CIFAR 8, ImageNet 32)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flip in the training view. Default on for dgh."),
     smoothing: Optional[bool] = typer.Option(None, "--smoothing/--no-smoothing", help="3x3 Gaussian smoothing (sigma 1.25). Default on for dgh."),
     random_crop: Optional[bool] = typer.Option(None, "--random-crop/--no-random-crop", help="Random HxW crop of the canvas. Default on for dgh."),
     clamp: Optional[bool] = typer.Option(None, "--clamp/--no-clamp", help="Clamp to the valid pixel range (straight-through). Default on for dgh."),
-    augment_draw: Optional[AugmentDraw] = typer.Option(None, "--augment-draw", help="Flip/crop draws: batch (paper) or image."),
-    speed: Optional[Speed] = typer.Option(None, "--speed", help="exact (fp32, paper numerics) or fast (bf16 autocast on CPUs with native bf16 + channels-last; same algorithm). Skipping the per-step refresh forward is the separate lazy_refresh setting (--set lazy_refresh=true)."),
-    amp: Optional[Amp] = typer.Option(None, "--amp", help="auto (fp16 on CUDA, fp32 on CPU), on, off."),
+    augment_draw: Optional[str] = typer.Option(None, "--augment-draw", help="Flip/crop draws: batch (paper) or image."),
+    speed: Optional[str] = typer.Option(None, "--speed", help="exact (fp32, paper numerics) or fast (bf16 autocast on CPUs with native bf16 + channels-last; same algorithm). Skipping the per-step refresh forward is the separate lazy_refresh setting (--set lazy_refresh=true)."),
+    amp: Optional[str] = typer.Option(None, "--amp", help="auto (fp16 on CUDA, fp32 on CPU), on, off."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if one exists."),
     set_: Optional[list[str]] = SET_OPT,
     device: str = DEVICE_OPT,
@@ -178,10 +182,10 @@ def quantize_cmd(
     weights: Optional[Path] = WEIGHTS_OPT,
     imgsz: Optional[int] = IMGSZ_OPT,
     calib: str = typer.Option(..., "--calib", help="Calibration images: a folder with images.pt (from `dgh generate`), an ImageFolder, a folder of images, or 'noise'."),
-    preset: Preset = typer.Option(..., "--preset", help="pot (power-of-two thresholds, MCT/IMX500), paper (all layers at target bits), academic (first/last 8 bit, float output)."),
+    preset: str = typer.Option(..., "--preset", help="pot (power-of-two thresholds, MCT/IMX500), paper (all layers at target bits), academic (first/last 8 bit, float output)."),
     w_bits: Optional[int] = typer.Option(None, "--w-bits", min=2, max=16, help="Weight bit-width (the x of WxAy). Default 8."),
     a_bits: Optional[int] = typer.Option(None, "--a-bits", min=2, max=16, help="Activation bit-width (the y of WxAy). Default 8."),
-    algorithm: Optional[Algorithm] = typer.Option(None, "--algorithm", help="minmax, mse (threshold by error minimization), adaround (layer-wise) or brecq (block-wise reconstruction). Default: mse. Reconstruction budget: --set 'reconstruction={iters: 300, act_iters: 75}' (paper code: 20000 + 5000 per block)."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="minmax, mse (threshold by error minimization), adaround (layer-wise) or brecq (block-wise reconstruction). Default: mse. Reconstruction budget: --set 'reconstruction={iters: 300, act_iters: 75}' (paper code: 20000 + 5000 per block)."),
     n_calib: Optional[int] = typer.Option(None, "--n-calib", min=1, help="Use at most this many calibration images (real folders: class-balanced subset). Default: all / the source's size."),
     calib_seed: int = typer.Option(0, "--calib-seed", help="Seed of the real-image subset / noise images (the `seed` of a params.yaml calibration set)."),
     out: Path = typer.Option(..., "--out", help="Output folder: quantized.pt, quantization_report.csv, meta.json."),

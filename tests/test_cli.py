@@ -27,7 +27,7 @@ def plain(text: str) -> str:
 @pytest.mark.parametrize(
     "command, must_mention",
     [
-        ("generate", ["--model", "--weights", "--out", "--method", "--n-images", "--iters", "--batch-size", "--seed",
+        ("generate", ["--model", "--weights", "--out", "--method", "--n-images", "--iterations", "--batch-size", "--seed",
                       "--lr", "--lambda-sigma", "--output-loss", "--canvas-pad", "pixels", "Default 1000"]),
         ("quantize", ["--calib", "--preset", "--w-bits", "--a-bits", "--algorithm", "--out", "power-of-two"]),
         ("evaluate-imagenet", ["--quantized", "--data", "--metrics-out", "percent"]),
