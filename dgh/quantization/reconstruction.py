@@ -257,10 +257,7 @@ def _abort_forward(qmodel: nn.Module) -> None:
 def _resolve_pending(qmodel: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The quantized value of ``x`` if the runtime holds it as a pending site output (a tensor whose quantizer acts
     at its first consumer, i.e. inside the unit), else ``x``."""
-    rt = getattr(qmodel, "runtime", None)
-    if rt is None or getattr(rt, "pending", None) is None:
-        return x
-    return rt.resolve(x)
+    return qmodel.runtime.resolve(x) if isinstance(qmodel, QuantizedModel) else x
 
 
 def _capture(
