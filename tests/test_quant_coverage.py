@@ -3,6 +3,7 @@ add, every upsample/pool and every raw Detect output is quantized, without model
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -29,7 +30,6 @@ from dgh.quantization import (
     save_quantized,
     set_quant_state,
 )
-from dgh.quantization.capture import copy_quantized
 from dgh.quantization.layers import FLOAT_LAYER_TYPES, to_quant_layer
 from tests.quant_audit import audit_coverage
 
@@ -190,7 +190,7 @@ def test_conv_subclasses_keep_their_same_padding(tmp_path):
     save_quantized(qm, tmp_path / "quantized.pt")
     with torch.no_grad():
         out = qm(images)
-        assert torch.equal(copy_quantized(qm)(images), out)
+        assert torch.equal(copy.deepcopy(qm)(images), out)
         assert torch.equal(load_quantized(loaded, tmp_path)(images), out)
 
 
