@@ -1,0 +1,47 @@
+"""Deployable output: the fake-quantized model as ONNX with QuantizeLinear/DequantizeLinear, checked in onnxruntime.
+
+Public API:
+
+- :func:`export_onnx` (``QuantizedModel`` -> ``model.onnx``) and :func:`export_quantized_file`
+  (``quantized.pt`` -> ``model.onnx`` with the agreement check), returning :class:`ExportedGraph` /
+  :class:`ExportResult`;
+- :func:`check_agreement` -> :class:`Agreement` (onnxruntime vs the fake-quant model, in quantization steps);
+- :class:`OnnxRuntimeModel`, :func:`evaluate_classification_onnx`, :func:`evaluate_coco_onnx`, :class:`Backend`,
+  :class:`GraphOptimization`, :func:`read_metadata`.
+"""
+
+from dgh.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportedGraph, QuantizerNode, export_onnx
+from dgh.export.qdq import ExportError, QuantParams
+from dgh.export.runtime import (
+    Backend,
+    GraphOptimization,
+    OnnxRuntimeModel,
+    evaluate_classification_onnx,
+    evaluate_coco_onnx,
+    make_session,
+    onnx_model_for,
+    read_metadata,
+)
+from dgh.export.verify import Agreement, AgreementError, TensorAgreement, check_agreement
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "Agreement",
+    "AgreementError",
+    "Backend",
+    "ExportError",
+    "ExportedGraph",
+    "GraphOptimization",
+    "OnnxRuntimeModel",
+    "QuantParams",
+    "QuantizerNode",
+    "TensorAgreement",
+    "check_agreement",
+    "evaluate_classification_onnx",
+    "evaluate_coco_onnx",
+    "export_onnx",
+    "make_session",
+    "onnx_model_for",
+    "read_metadata",
+]
