@@ -2,14 +2,15 @@
 
 Public API:
 
-- :func:`export_onnx` (``QuantizedModel`` -> ``model.onnx``) and :func:`export_quantized_file`
-  (``quantized.pt`` -> ``model.onnx`` with the agreement check), returning :class:`ExportedGraph` /
-  :class:`ExportResult`;
+- :func:`export_onnx` (``QuantizedModel`` -> ``model.onnx``) and :func:`export_quantized`
+  (``quantized.pt`` or a ``QuantizedModel`` -> ``model.onnx`` with the agreement check), returning
+  :class:`ExportedGraph` / :class:`ExportResult`; :func:`export_float_onnx` (the float model, for comparisons);
 - :func:`check_agreement` -> :class:`Agreement` (onnxruntime vs the fake-quant model, in quantization steps);
 - :class:`OnnxRuntimeModel`, :func:`evaluate_classification_onnx`, :func:`evaluate_coco_onnx`, :class:`Backend`,
   :class:`GraphOptimization`, :func:`read_metadata`.
 """
 
+from dgh.export.api import ExportResult, export_float_onnx, export_quantized, random_sample
 from dgh.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportedGraph, QuantizerNode, export_onnx
 from dgh.export.qdq import ExportError, QuantParams
 from dgh.export.runtime import (
@@ -31,6 +32,7 @@ __all__ = [
     "AgreementError",
     "Backend",
     "ExportError",
+    "ExportResult",
     "ExportedGraph",
     "GraphOptimization",
     "OnnxRuntimeModel",
@@ -40,8 +42,11 @@ __all__ = [
     "check_agreement",
     "evaluate_classification_onnx",
     "evaluate_coco_onnx",
+    "export_float_onnx",
     "export_onnx",
+    "export_quantized",
     "make_session",
     "onnx_model_for",
+    "random_sample",
     "read_metadata",
 ]

@@ -100,10 +100,10 @@ def _flatten_outputs(out) -> list[torch.Tensor]:  # noqa: ANN001
     raise ExportError(f"model output of type {type(out).__name__} cannot be exported (tensors, lists or dicts only)")
 
 
-class _ExportOutputs(torch.nn.Module):
-    """Wraps the quantized model so that ONNX sees a flat tuple of output tensors."""
+class FlatOutputs(torch.nn.Module):
+    """Wraps a model (quantized or float) so that ONNX sees a flat tuple of output tensors."""
 
-    def __init__(self, qmodel: QuantizedModel) -> None:
+    def __init__(self, qmodel: torch.nn.Module) -> None:
         super().__init__()
         self.qmodel = qmodel
 
@@ -317,7 +317,7 @@ def export_onnx(qmodel: QuantizedModel, out_path: str | Path, example_nchw: torc
     nodes, calls = _swap_quantizers(model)
     if any(n.params.bits == 16 for n in nodes) and opset < 21:
         raise ExportError("16-bit quantizers need opset >= 21 (int16 QuantizeLinear)")
-    wrapper = _ExportOutputs(model).eval()
+    wrapper = FlatOutputs(model).eval()
     with torch.no_grad():
         n_outputs = len(wrapper(example))
     calls.clear()
