@@ -276,3 +276,23 @@ def test_metadata_records_config_and_quantizers(tiny_w8a8):
     assert len(meta["dgh.quantizers"]) == len(graph.quantizers)
     assert all(r["power_of_two"] for r in meta["dgh.quantizers"] if r["kind"] == "activation")
     assert meta["dgh.outputs"] == graph.output_names
+
+
+def test_yolov5n_exports_one_raw_output_per_head_level(yolov5n_weights, tmp_path):
+    """Real YOLOv5n at 64x64: three raw head maps (na*(5+nc) = 255 channels, strides 8/16/32), each behind its own
+    output quantizer, decode/NMS left out of the graph; the file agrees with the fake-quant model in onnxruntime."""
+    from dgh.export import export_quantized
+    from dgh.models import load_model
+
+    loaded = load_model("yolov5n", str(yolov5n_weights), imgsz=64)
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    qmodel = quantize_model(loaded, images, QuantConfig(preset="pot", algorithm="minmax"), device="cpu",
+                            progress=False)
+    result = export_quantized(loaded, qmodel, tmp_path / "model.onnx", sample_nchw=images[:2])
+    model = onnx.load(str(result.graph.path))
+    shapes = [[d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output]
+    assert shapes == [["batch", 255, 8, 8], ["batch", 255, 4, 4], ["batch", 255, 2, 2]]
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"NonMaxSuppression", "TopK", "Exp", "Pow"}  # no decoding in the graph
+    assert [q.role for q in result.graph.quantizers if q.dq_output in result.graph.output_names] == ["output"] * 3
+    assert result.agreement.ok and result.agreement.max_local_steps <= 1.0
