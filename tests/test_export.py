@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import onnx
@@ -296,3 +297,16 @@ def test_yolov5n_exports_one_raw_output_per_head_level(yolov5n_weights, tmp_path
     assert not ops & {"NonMaxSuppression", "TopK", "Exp", "Pow"}  # no decoding in the graph
     assert [q.role for q in result.graph.quantizers if q.dq_output in result.graph.output_names] == ["output"] * 3
     assert result.agreement.ok and result.agreement.max_local_steps <= 1.0
+
+
+def test_export_to_dir_writes_model_and_record(tiny_w8a8, tmp_path):
+    from dgh.export import EXPORT_RECORD_FILE, ONNX_FILE, export_to_dir
+
+    qmodel, graph = tiny_w8a8
+    loaded = _loaded(TinyNet())
+    record = export_to_dir(loaded, qmodel, tmp_path / "out", sample_nchw=_images(4), record={"experiment": "x"})
+    written = json.loads((tmp_path / "out" / EXPORT_RECORD_FILE).read_text())
+    assert written == json.loads(json.dumps(record))
+    assert written["experiment"] == "x" and written["agreement"]["ok"] is True
+    assert written["size_bytes"] == (tmp_path / "out" / ONNX_FILE).stat().st_size
+    assert written["activation_qdq"] == graph.counts()["activation_qdq"]

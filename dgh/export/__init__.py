@@ -10,7 +10,15 @@ Public API:
   :class:`GraphOptimization`, :func:`read_metadata`.
 """
 
-from dgh.export.api import ExportResult, export_float_onnx, export_quantized, random_sample
+from dgh.export.api import (
+    EXPORT_RECORD_FILE,
+    ONNX_FILE,
+    ExportResult,
+    export_float_onnx,
+    export_quantized,
+    export_to_dir,
+    random_sample,
+)
 from dgh.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportedGraph, QuantizerNode, export_onnx
 from dgh.export.qdq import ExportError, QuantParams
 from dgh.export.runtime import (
@@ -27,7 +35,9 @@ from dgh.export.verify import Agreement, AgreementError, TensorAgreement, check_
 
 __all__ = [
     "DEFAULT_OPSET",
+    "EXPORT_RECORD_FILE",
     "MIN_OPSET",
+    "ONNX_FILE",
     "Agreement",
     "AgreementError",
     "Backend",
@@ -45,6 +55,7 @@ __all__ = [
     "export_float_onnx",
     "export_onnx",
     "export_quantized",
+    "export_to_dir",
     "make_session",
     "onnx_model_for",
     "random_sample",

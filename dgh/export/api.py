@@ -15,12 +15,14 @@ from dgh.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, ExportedGraph, Fla
 from dgh.export.qdq import ExportError
 from dgh.export.runtime import DEFAULT_OPTIMIZATION, GraphOptimization
 from dgh.export.verify import Agreement, check_agreement
-from dgh.io import write_bytes
+from dgh.io import write_bytes, write_json
 from dgh.models.spec import LoadedModel
 from dgh.quantization.api import load_quantized
 from dgh.quantization.capture import QuantizedModel
 
 DEFAULT_SAMPLE_IMAGES = 8
+ONNX_FILE = "model.onnx"
+EXPORT_RECORD_FILE = "export.json"
 
 
 @dataclass
@@ -104,3 +106,24 @@ def export_float_onnx(model: nn.Module, out_path: str | Path, example_nchw: torc
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"float ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
     return write_bytes(buf.getvalue(), out_path)
+
+
+def export_to_dir(loaded: LoadedModel, quantized: QuantizedModel | str | Path, out_dir: str | Path,
+                  sample_nchw: torch.Tensor | None = None, opset: int = DEFAULT_OPSET,
+                  optimization: GraphOptimization = DEFAULT_OPTIMIZATION, record: dict | None = None) -> dict:
+    """:func:`export_quantized` into ``out_dir/model.onnx`` plus ``out_dir/export.json`` (``record``, then
+    :meth:`ExportResult.summary`: size, opset, outputs, QDQ counts, the agreement in steps).
+
+    Returns:
+        the dict written to ``export.json``.
+
+    Raises:
+        see :func:`export_quantized` (nothing is left in ``out_dir`` on error).
+    """
+    out = Path(out_dir)
+    result = export_quantized(loaded, quantized, out / ONNX_FILE, sample_nchw=sample_nchw, opset=opset,
+                              optimization=optimization)
+    summary = {**(record or {}), **result.summary(), "path": ONNX_FILE,
+               "ort_optimization": GraphOptimization(optimization).value}
+    write_json(summary, out / EXPORT_RECORD_FILE)
+    return summary
