@@ -22,6 +22,7 @@ quantizer); decoding and NMS stay outside the file, as on the target hardware.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import warnings
@@ -34,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from dgh.export.qdq import ActivationQDQ, ExportError, QuantParams, WeightDQ, integer_weight, quant_params
 from dgh.io import write_bytes
-from dgh.quantization.capture import QuantizedModel, copy_quantized, iter_quantizers
+from dgh.quantization.capture import QuantizedModel, iter_quantizers
 from dgh.quantization.fold import set_submodule
 from dgh.quantization.layers import QUANT_LAYER_TYPES
 from dgh.quantization.quantizers import is_power_of_two
@@ -137,7 +138,7 @@ class _OnnxQuantizer(torch.nn.Module):
 
 def _swap_quantizers(qmodel: QuantizedModel) -> tuple[list[QuantizerNode], list[str]]:
     """Replace each active quantizer of ``qmodel`` (a private copy) by its ONNX-exportable twin; disabled or
-    bypassed quantizers (identities in the fake-quant forward) become ``nn.Identity``.
+    bypassed quantizers (identities in the fake-quant forward) become identities.
 
     Returns:
         The exported quantizers (module order) and the list that records activation-quantizer calls (names, in
@@ -313,7 +314,7 @@ def export_onnx(qmodel: QuantizedModel, out_path: str | Path, example_nchw: torc
             raise ExportError("the quantized model has no example input shape; pass example_nchw")
         example_nchw = torch.zeros(shape, dtype=torch.float32)
     example = example_nchw[:1].detach().float().cpu()
-    model = copy_quantized(qmodel).cpu().eval()
+    model = copy.deepcopy(qmodel).cpu().eval()  # the capture runtime gives a copy its own idle state
     nodes, calls = _swap_quantizers(model)
     if any(n.params.bits == 16 for n in nodes) and opset < 21:
         raise ExportError("16-bit quantizers need opset >= 21 (int16 QuantizeLinear)")
