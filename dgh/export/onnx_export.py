@@ -41,6 +41,7 @@ from dgh.quantization.layers import QUANT_LAYER_TYPES
 from dgh.quantization.quantizers import is_power_of_two
 
 MIN_OPSET = 13
+MAX_OPSET = 20
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
 
@@ -295,7 +296,7 @@ def export_onnx(qmodel: QuantizedModel, out_path: str | Path, example_nchw: torc
         out_path: the ``.onnx`` file to write (atomically).
         example_nchw: one example input ``(N, C, H, W)`` float32 in the model's normalized space; default zeros of
             ``qmodel.example_shape``. Only its shape matters (batch axis exported as dynamic).
-        opset: ONNX opset, >= 13 (per-axis DequantizeLinear); 21 or later is needed for 16-bit quantizers.
+        opset: ONNX opset, 13 (per-axis DequantizeLinear) to 20 (the TorchScript exporter's newest).
 
     Returns:
         :class:`ExportedGraph` (path, names, the quantizers in graph order, file size).
@@ -304,8 +305,9 @@ def export_onnx(qmodel: QuantizedModel, out_path: str | Path, example_nchw: torc
         ExportError: opset below 13, an uncalibrated quantizer, a quantizer without an exact ONNX form, a model
             output that is not a tensor or a list of tensors, or a graph that does not hold one QDQ per quantizer.
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset must be >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be in {MIN_OPSET}..{MAX_OPSET} (per-channel DequantizeLinear; TorchScript "
+                          f"exporter), got {opset}")
     if not isinstance(qmodel, QuantizedModel):
         raise ExportError(f"expected a dgh QuantizedModel, got {type(qmodel).__name__}")
     if example_nchw is None:
@@ -316,8 +318,9 @@ def export_onnx(qmodel: QuantizedModel, out_path: str | Path, example_nchw: torc
     example = example_nchw[:1].detach().float().cpu()
     model = copy.deepcopy(qmodel).cpu().eval()  # the capture runtime gives a copy its own idle state
     nodes, calls = _swap_quantizers(model)
-    if any(n.params.bits == 16 for n in nodes) and opset < 21:
-        raise ExportError("16-bit quantizers need opset >= 21 (int16 QuantizeLinear)")
+    wide = next((n.name for n in nodes if n.params.bits > 8), None)
+    if wide is not None:
+        raise ExportError(f"{wide}: quantizers above 8 bits are not exported (the QDQ export covers 2 to 8 bits)")
     wrapper = FlatOutputs(model).eval()
     with torch.no_grad():
         n_outputs = len(wrapper(example))
