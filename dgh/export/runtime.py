@@ -32,10 +32,14 @@ class Backend(str, Enum):
 
 
 class GraphOptimization(str, Enum):
-    """onnxruntime graph optimization level. ``all`` (the onnxruntime default) fuses QDQ groups into integer kernels
-    (``QLinearConv`` ...) and re-lays out convolutions: fastest, but its integer requantization and fused float
-    kernels round differently from PyTorch more often. ``none`` runs the graph as written (float convolutions between
-    QuantizeLinear/DequantizeLinear pairs)."""
+    """onnxruntime graph optimization level.
+
+    ``none`` (the default here) runs the graph as written: float convolutions between QuantizeLinear/DequantizeLinear
+    pairs, the fake-quant arithmetic up to float accumulation order. ``all`` (onnxruntime's own default) fuses QDQ
+    groups into integer kernels (``QLinearConv`` with an int32-rounded bias and a requantization multiplier) and
+    re-lays out convolutions: several times faster, but it rounds differently from the fake-quant model about 100x
+    more often (measured on ResNet-20 W4A8: top-1 77.13 with ``all``, 77.27 with ``none``, 77.28 fake-quant
+    PyTorch, 10,000 CIFAR-10 test images)."""
 
     none = "none"
     basic = "basic"
@@ -51,7 +55,7 @@ class GraphOptimization(str, Enum):
         }[self.value]
 
 
-DEFAULT_OPTIMIZATION = GraphOptimization.all
+DEFAULT_OPTIMIZATION = GraphOptimization.none
 
 
 def session_options(threads: int | None = None,
