@@ -2,13 +2,15 @@
 
 How (see :mod:`dgh.export.qdq` for the node patterns and why they are exact):
 
-1. The quantized model is deep-copied to the CPU. On the copy, every :class:`FakeQuantizer` instance gets a
-   forward that computes the same numbers through :class:`~dgh.export.qdq.ActivationQDQ` (activations, the input,
-   the outputs) or :class:`~dgh.export.qdq.WeightDQ` (weights). The capture runtime (BN folded, activation sites
-   found by a ``TorchFunctionMode``) runs unchanged, so every quantizer is applied exactly where it is in the
-   fake-quant forward.
+1. The quantized model is deep-copied to the CPU. On the copy, every active ``FakeQuantizer`` module is replaced by a
+   stand-in that computes the same numbers through :class:`~dgh.export.qdq.ActivationQDQ` (activations, the input,
+   the outputs) or :class:`~dgh.export.qdq.WeightDQ` (weights, their integers computed once). The capture runtime
+   (BN folded, activation sites found by a ``TorchFunctionMode``) runs unchanged and calls the stand-ins where it
+   called the quantizers, so every quantizer is applied exactly where it is in the fake-quant forward.
 2. ``torch.onnx.export(..., dynamo=False)`` traces that forward (TorchScript exporter) and emits the symbolic ONNX
-   nodes. The batch axis is dynamic.
+   nodes. The batch axis is dynamic; height and width are fixed at the example input's. (The dynamo exporter would
+   need ``torch.export`` to trace the capture runtime's hooks and function mode; the TorchScript tracer records the
+   ops they run as they run.)
 3. The ONNX graph is post-processed with ``onnx``: each QuantizeLinear/DequantizeLinear is renamed after its
    quantizer (``<quantizer name>/QuantizeLinear``; activation quantizers are matched to the traced call order and
    their scales compared), constants become initializers, and ``metadata_props`` record every quantizer's bits,
