@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only
 
 
 class TinyNet(nn.Module):
-    """conv-BN-ReLU, a residual add, max pool, a second conv with ReLU6, global average pool, linear."""
+    """conv-BN-ReLU, an in-place residual add (``r += y``, as torchvision's BasicBlock), max pool, a grouped conv with
+    ReLU6, global average pool, linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,7 +41,9 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.bn1(self.conv1(x)))
-        y = y + self.conv2(y)
+        r = self.conv2(y)
+        r += y  # modifies the conv2 quantizer's output in place: the agreement check must copy what it records
+        y = r
         y = nn.functional.relu6(self.conv3(self.pool(y)))
         return self.fc(y.mean(dim=(2, 3)))
 

@@ -106,10 +106,11 @@ def _torch_activations(qmodel: QuantizedModel, x: torch.Tensor,
     def hook(mod: FakeQuantizer, args, out):  # noqa: ANN001
         if not mod.enabled or mod.bypass or mod.role == "weight":
             return None
-        calls.append((names[id(mod)], out.detach().float().cpu()))
+        # copies: the model may modify a quantizer's output in place afterwards (``out += identity``)
+        calls.append((names[id(mod)], out.detach().float().cpu().clone()))
         if forced is None or len(calls) > len(forced):
             return None
-        return forced[len(calls) - 1].to(out.device, out.dtype).reshape(out.shape)
+        return forced[len(calls) - 1].to(out.device, out.dtype).reshape(out.shape).clone()
 
     for _, q in iter_quantizers(qmodel):
         handles.append(q.register_forward_hook(hook))
