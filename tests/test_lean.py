@@ -77,8 +77,11 @@ def test_lean_resnet20_bit_identical(resnet20, preset: str) -> None:
         ref = qmodel(x)
         out = lean(x)
         again = lean(x)  # second call: cached weights
+    with torch.inference_mode():  # how evaluation calls it
+        inference = lean(x)
     assert torch.equal(_bits(out), _bits(ref))
     assert torch.equal(_bits(again), _bits(ref))
+    assert torch.equal(_bits(inference), _bits(ref))
     assert not torch.equal(ref, resnet20.model(x))  # quantization is really on
     # the quantizers got their class forward back: the eager model is untouched
     assert all("forward" not in m.__dict__ for m in qmodel.modules())
