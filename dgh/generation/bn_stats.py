@@ -125,12 +125,21 @@ class _NoCtx:
         pass
 
 
+class AllMomentsRecorded(Exception):
+    """Raised by a :class:`MomentRecorder` hook under ``active(stop_when_complete=True)`` as soon as every layer's
+    moments are recorded, to end a forward pass whose remaining layers (and output) are not needed."""
+
+
 class MomentRecorder:
     """Forward hooks on BN layers that store each layer's per-image moments of its input.
 
     Use as ``with recorder.active(): model(x)``; afterwards ``recorder.moments[i]`` is ``(mean_img, sq_img)``
     for the i-th layer of ``layers`` (keyed by module, so call order does not matter), and ``recorder.call_order``
     lists layer indices in the order they were called.
+
+    ``with recorder.active(stop_when_complete=True): model(x)`` stops the forward with :class:`AllMomentsRecorded`
+    right after the last BN layer ran (the context manager swallows it): a statistics-only pass skips the layers
+    behind the last BN layer (the head), with the same moments.
 
     Raises (from :meth:`check_complete`):
         GenerationConfigError: some BN layer was not called by the forward pass.
@@ -141,22 +150,31 @@ class MomentRecorder:
         self._index = {id(m): i for i, (_, m) in enumerate(layers)}
         self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
         self.call_order: list[int] = []
+        self._stop_when_complete = False
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         i = self._index[id(module)]
         if self.moments[i] is None:  # a BN module reused twice in one forward: keep the first call
             self.moments[i] = image_moments(inputs[0])
             self.call_order.append(i)
+            if self._stop_when_complete and len(self.call_order) == len(self.layers):
+                raise AllMomentsRecorded
 
     @contextmanager
-    def active(self) -> Iterator[MomentRecorder]:
-        """Register the hooks, clear previous moments, and remove the hooks on exit."""
+    def active(self, stop_when_complete: bool = False) -> Iterator[MomentRecorder]:
+        """Register the hooks, clear previous moments, and remove the hooks on exit (see the class docstring for
+        ``stop_when_complete``)."""
         self.moments = [None] * len(self.layers)
         self.call_order = []
+        self._stop_when_complete = stop_when_complete
         handles = [m.register_forward_hook(self._hook) for _, m in self.layers]
         try:
             yield self
+        except AllMomentsRecorded:
+            if not stop_when_complete:
+                raise
         finally:
+            self._stop_when_complete = False
             for h in handles:
                 h.remove()
 
