@@ -43,6 +43,7 @@ from dgh.models import load_model  # noqa: E402
 from dgh.models.registry import RANDOM_WEIGHTS  # noqa: E402
 from dgh.quantization import QuantConfig, iter_quantizers, quantize_model  # noqa: E402
 from dgh.quantization.lean import lean_forward_model  # noqa: E402
+from dgh.threads import apply_threads  # noqa: E402
 
 ASSETS = Path(os.environ.get("DGH_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
 R20 = ASSETS / "cifar10/models/resnet20-12fca82f.th"
@@ -119,7 +120,7 @@ def calib_worker(a: argparse.Namespace) -> dict:
     """Run inside the MCT interpreter: dgh ``quantize_model`` vs MCT PTQ, same model and images, interleaved."""
     import model_compression_toolkit as mct
 
-    torch.set_num_threads(a.threads)
+    apply_threads(a.threads)
     loaded = load_model("resnet20_cifar10", str(R20) if R20.exists() else RANDOM_WEIGHTS)
     h, w = loaded.spec.input_size
     images = torch.randn(a.n_calib, 3, h, w, generator=torch.Generator().manual_seed(0))
@@ -224,16 +225,19 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the minimum is kept")
     ap.add_argument("--inner", type=int, default=3, help="forward calls per round and model")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = auto (dgh.threads)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd lean forward")
     ap.add_argument("--mct-python", default=None, help="interpreter with dgh + MCT: run the calibration comparison")
     ap.add_argument("--calib-only", action="store_true", help="only the calibration comparison")
+    ap.add_argument("--models", nargs="+", default=["resnet20_cifar10", "yolov5n"],
+                    help="registry names; other than these two: random weights (speed only), batch 32")
+    ap.add_argument("--batch", type=int, default=None, help="forward batch (default: 64 ResNet-20, 8 YOLOv5n, 32 other)")
     ap.add_argument("--calib-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.calib_worker:
         Path(args.calib_worker).write_text(json.dumps(calib_worker(args)))
         return
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.capture:
         bench_capture()
         return
@@ -244,10 +248,14 @@ def main() -> None:
     device = resolve_device(args.device)
     print(f"# quantized inference vs float, device {device}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    bench_model("resnet20_cifar10", str(R20) if R20.exists() else RANDOM_WEIGHTS, None, args.n_calib, 64, device,
-                args.repeats, args.inner, not args.no_compile)
-    bench_model("yolov5n", str(Y5) if Y5.exists() else RANDOM_WEIGHTS, 320, max(8, args.n_calib // 4), 8, device,
-                args.repeats, args.inner, not args.no_compile)
+    known = {  # name -> (weights, imgsz, batch, calibration images)
+        "resnet20_cifar10": (str(R20) if R20.exists() else RANDOM_WEIGHTS, None, 64, args.n_calib),
+        "yolov5n": (str(Y5) if Y5.exists() else RANDOM_WEIGHTS, 320, 8, max(8, args.n_calib // 4)),
+    }
+    for name in args.models:
+        weights, imgsz, batch, n_calib = known.get(name, (RANDOM_WEIGHTS, None, 32, args.n_calib))
+        bench_model(name, weights, imgsz, n_calib, args.batch or batch, device, args.repeats, args.inner,
+                    not args.no_compile)
 
 
 if __name__ == "__main__":

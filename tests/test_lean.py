@@ -10,6 +10,7 @@ from dgh.models import load_model
 from dgh.quantization import QuantConfig, quantize_model
 from dgh.quantization.lean import (
     LeanQuantizedModel,
+    compile_pays_off,
     compiled_fake_quantize,
     fused_fake_quantize,
     lean_forward_model,
@@ -131,3 +132,10 @@ def test_compiled_fake_quantize_is_bit_identical() -> None:
         x = _hard_values(scale)
         s, z = torch.tensor(scale), torch.tensor(0.0)
         assert torch.equal(_bits(fq(x, s, z, -128, 127)), _bits(fake_quantize(x, s, z, -128, 127)))
+
+
+def test_compile_pays_off_only_for_large_cpu_evaluations() -> None:
+    assert not compile_pays_off(10_000, (32, 32))  # CIFAR-10 test set
+    assert compile_pays_off(50_000, (224, 224))  # ImageNet validation
+    assert compile_pays_off(5_000, (640, 640))  # COCO val2017
+    assert compile_pays_off(10, (32, 32), "cuda")

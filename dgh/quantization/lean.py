@@ -169,6 +169,25 @@ class LeanQuantizedModel(nn.Module):
             self._active = False
 
 
+COMPILE_MIN_PIXELS = 1e9
+"""Evaluations reading at least this many input pixels (images x H x W) use the compiled lean forward
+(:func:`compile_pays_off`). Basis, measured on the project's 2-core CPU (``benchmarks/quantize.py``, loaded
+machine): ``torch.compile`` of the fake-quant kernel costs 20-60 s on its first call (7-25 s with inductor's disk
+cache warm) and saves about 0.2-0.4 of the float forward time; a float ResNet-20 forward reads about 1e6 input
+pixels per second on one core, so the compile pays off from roughly 1e8-3e8 pixels for that model (lighter
+per-pixel ImageNet models need more). 1e9 keeps CIFAR-10 (1e7 pixels) eager and compiles for the ImageNet
+validation set at 224 (2.5e9) and COCO val2017 at 640 (2e9)."""
+
+
+def compile_pays_off(n_images: int, input_hw: tuple[int, int], device: torch.device | str = "cpu") -> bool:
+    """Whether an evaluation of ``n_images`` inputs of ``input_hw`` pixels should use ``compile=True``: always on
+    CUDA (the Triton kernel compiles in seconds and the eager ops are launch-bound there), on CPU from
+    :data:`COMPILE_MIN_PIXELS` input pixels on."""
+    if torch.device(device).type == "cuda":
+        return True
+    return n_images * input_hw[0] * input_hw[1] >= COMPILE_MIN_PIXELS
+
+
 def lean_forward_model(qmodel: QuantizedModel, compile: bool = False) -> LeanQuantizedModel:
     """The fast inference forward of ``qmodel`` (same outputs, bit for bit): see :class:`LeanQuantizedModel`.
 
