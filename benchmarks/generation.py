@@ -281,8 +281,10 @@ def main() -> None:
     work = a.n_images * a.iters
     if a.timing_only:
         print(f"# {a.model}: N={a.n_images}, iterations={a.iters}, batch={a.batch_size}, threads={a.threads}; "
-              f"one process, {a.repeats} interleaved repeats, min wall time", flush=True)
+              f"one process, {a.repeats} interleaved repeats, min wall time, device {a.device}; "
+              f"load average before {os.getloadavg()[0]:.1f}", flush=True)
         walls = _run("timing", a, python=a.mct_python)["wall_s"]
+        print(f"load average after {os.getloadavg()[0]:.1f}")
         bare, mct_wall = walls["bare fwd+bwd"], walls.get("mct")
         print("| run | wall s | img*it/s | vs bare fwd+bwd (fp32) | speed-up vs MCT |")
         print("|---|---|---|---|---|")
