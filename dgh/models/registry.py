@@ -120,7 +120,7 @@ def _load_cifar(name: str, weights: str | None, imgsz: int | None) -> LoadedMode
             "(or --weights random for random weights)"
         )
     if weights != RANDOM_WEIGHTS:
-        sd = convert_akamaster_state_dict(_load_state_dict_file(Path(weights)))
+        sd = convert_akamaster_state_dict(_load_state_dict_file(Path(weights)), str(weights))
         load_state_dict_strict(model, sd, str(weights))
     return LoadedModel(spec=spec, model=model.eval(), weights=weights)
 
