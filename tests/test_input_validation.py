@@ -277,12 +277,22 @@ def test_calibration_range_tolerance_is_one_bf16_step() -> None:
 def test_unclamped_generator_output_gets_a_bounded_range(tmp_path: Path) -> None:
     spec = get_spec("resnet20_cifar10")
     lo, hi = spec.pixel_range()
-    x = (hi + 0.5 * (hi - lo)).expand(2, 3, 32, 32).clone()  # half a range beyond the valid pixels
+    x = (hi + 2.0 * (hi - lo)).expand(2, 3, 32, 32).clone()  # two range widths beyond the valid pixels
     with pytest.raises(DatasetError, match="outside"):
         validate_calibration_images(x, spec, "x")
     validate_calibration_images(x, spec, "x", clamped=False)
     with pytest.raises(DatasetError, match="outside"):
         validate_calibration_images(x * 1e30, spec, "x", clamped=False)
+    with pytest.raises(DatasetError, match="outside"):  # raw pixels as floats
+        validate_calibration_images(torch.full((2, 3, 32, 32), 255.0), spec, "x", clamped=False)
+    # the flag comes from the generation meta.json next to images.pt
+    torch.save(x, tmp_path / "images.pt")
+    (tmp_path / "meta.json").write_text(json.dumps({"settings": {"clamp": False}}))
+    cifar = load_model("resnet20_cifar10", "random")
+    assert load_calibration_set(tmp_path, cifar).shape == (2, 3, 32, 32)
+    (tmp_path / "meta.json").write_text(json.dumps({"settings": {"clamp": True}}))
+    with pytest.raises(DatasetError, match="outside"):
+        load_calibration_set(tmp_path, cifar)
 
 
 # ----------------------------------------------------------------------------------------- detection ground truth
@@ -386,3 +396,27 @@ def test_resume_from_truncated_checkpoint_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(GenerationError, match="checkpoint.pt.*--resume") as err:
         generate_images(loaded, cfg, out_dir=tmp_path, resume=True, progress=False)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("device,match", [("banana", "unknown device 'banana'"), ("gpu0", "unknown device"),
+                                          ("meta", "not supported"), ("cuda:99", "cuda:99")])
+def test_bad_device_strings_are_one_line(device: str, match: str) -> None:
+    from dgh.env import resolve_device
+
+    if device == "cuda:99" and not torch.cuda.is_available():
+        match = "CUDA is not available"
+    with pytest.raises(ValueError, match=match):
+        resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_torchvision_category_order_is_the_wnid_order() -> None:
+    """The docstring's claim: torchvision's human names are in sorted-wnid order (timm's lemma list, same index)."""
+    from timm.data import ImageNetInfo
+    from torchvision.models import ResNet18_Weights
+
+    lemmas = ImageNetInfo().label_descriptions()  # index order of timm's imagenet_synsets.txt
+    categories = ResNet18_Weights.DEFAULT.meta["categories"]
+    misses = [i for i, (c, lemma) in enumerate(zip(categories, lemmas)) if c.lower() not in lemma.lower()]
+    assert misses == [134, 639]  # torchvision's renamed duplicates: 'crane bird', 'maillot tank suit'
+    assert ImageNetInfo().label_names() == list(imagenet_wnids())

@@ -46,8 +46,10 @@ def noise_images(loaded: LoadedModel, n_images: int, seed: int = 0) -> torch.Ten
 # mean/std that is 0.021 normalized = 1.2 levels of 255; anything further out was not clamped to the pixel range.
 RANGE_TOLERANCE = 2.0 ** -7
 # Unclamped generators (ZeroQ / GENIE-style ``batch-bns`` / ``image-bns``, ``clamp: false``) optimize pixels
-# without the [0, 1] box; their outputs may leave it, but by at most this many range widths on either side.
-UNCLAMPED_MARGIN = 1.0
+# without the [0, 1] box, so their outputs leave it: measured 0.67 range widths below / 0.51 above after 500
+# iterations of batch-bns on ResNet-20 (64 images, lr 16). Allowed: this many range widths on either side, which
+# still refuses raw 0..255 pixels (about 57 widths out for ImageNet mean/std) and overflowed values.
+UNCLAMPED_MARGIN = 3.0
 
 
 def validate_calibration_images(images_nchw: torch.Tensor, spec: ModelSpec, source: str | Path,
