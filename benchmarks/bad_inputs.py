@@ -218,6 +218,55 @@ def _rgba(folder: Path) -> None:  # positive case
     Image.fromarray(np.full((32, 32, 4), 200, np.uint8)).save(folder / "zz_rgba.png")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def params_with(edit: Callable[[dict], None]) -> Callable[[Path], list[str]]:
+    """``dgh check --params`` on the repository's params.yaml after ``edit(params_dict)`` (assets made absolute)."""
+
+    def setup(tmp: Path) -> list[str]:
+        import yaml
+
+        data = yaml.safe_load((REPO / "params.yaml").read_text())
+        data["assets"] = str(ASSETS)
+        edit(data)
+        path = tmp / "params.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return ["check", "--params", str(path)]
+
+    return setup
+
+
+def first_experiment(data: dict) -> dict:
+    return next(iter(data["experiments"].values()))
+
+
+def second_generate_on_same_out(tmp: Path) -> list[str]:
+    """Start a long `dgh generate` in a subprocess, wait until it holds the --out lock, return the second run."""
+    from filelock import FileLock, Timeout
+
+    from dgh.preflight import lock_path
+
+    out = tmp / "g"
+    argv = gen(tmp, "--iters", "100000", "--device", "cpu")
+    first = subprocess.Popen([sys.executable, "-m", "dgh.cli", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    RUNNING.append(first)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        lock = FileLock(str(lock_path(out)), timeout=0)
+        try:
+            lock.acquire()
+            lock.release()
+            time.sleep(1.0)
+        except Timeout:
+            break  # held by the first run
+    return argv
+
+
+RUNNING: list[subprocess.Popen] = []
+
+
 def gen(tmp: Path, *extra: str) -> list[str]:
     return ["generate", "--model", "resnet20_cifar10", "--weights", str(R20), "--out", str(tmp / "g"),
             "--n-images", "2", "--iters", "1", "--no-progress", *extra]
@@ -297,6 +346,37 @@ CASES: list[Case] = [
     Case("calib-missing", False, "--calib pointing nowhere",
          lambda t: ["quantize", "--model", "resnet20_cifar10", "--weights", str(R20), "--calib", str(t / "nope"),
                     "--preset", "pot", "--out", str(t / "q")]),
+    Case("check-preset-potato", True, "params.yaml experiment preset: potato",
+         params_with(lambda d: first_experiment(d).update(preset="potato"))),
+    Case("check-w-bits-12", True, "params.yaml experiment w_bits: 12",
+         params_with(lambda d: first_experiment(d).update(w_bits=12))),
+    Case("check-options-lrr", True, "params.yaml experiment options: {lrr: 3}",
+         params_with(lambda d: first_experiment(d).update(options={"lrr": 3}))),
+    Case("check-imgsz-100", True, "params.yaml yolov5n imgsz: 100",
+         params_with(lambda d: d["models"]["yolov5n"].update(imgsz=100))),
+    Case("check-device-gpu0", True, "params.yaml device: gpu0", params_with(lambda d: d.update(device="gpu0"))),
+    Case("out-read-only", True, "generate --out /sys/dgh-out (read-only place)",
+         lambda t: ["generate", "--model", "resnet20_cifar10", "--weights", str(R20), "--out", "/sys/dgh-out",
+                    "--n-images", "2", "--iters", "1", "--no-progress"]),
+    Case("out-is-file", True, "generate --out an existing file",
+         lambda t: ((t / "f").write_text("x"), ["generate", "--model", "resnet20_cifar10", "--weights", str(R20),
+                                                "--out", str(t / "f"), "--n-images", "2", "--iters", "1",
+                                                "--no-progress"])[1]),
+    Case("out-too-small-disk", True, "generate 10^6 images of 640 px: more than the free disk",
+         lambda t: ["generate", "--model", "yolov5n", "--weights", str(Y5N), "--out", str(t / "g"),
+                    "--n-images", "1000000", "--iters", "1", "--no-progress"]),
+    Case("second-generate-same-out", True, "a second `dgh generate` on the --out of a running one",
+         second_generate_on_same_out),
+    Case("quant-out-is-file", False, "quantize --out an existing file",
+         lambda t: ((t / "f").write_text("x"), quant(t)[:-3] + ["--out", str(t / "f"), "--no-progress"])[1]),
+    Case("metrics-out-read-only", False, "evaluate-imagenet --metrics-out under /sys",
+         lambda t: eval_cifar(cifar_subset(t, per_class=1))[:-5] + ["--metrics-out", "/sys/dgh/m.json",
+                                                                    "--no-progress", "--device", "cpu"]),
+    Case("check-generate-lr-string", False, "params.yaml generate entry lr: fast",
+         params_with(lambda d: next(v for v in d["generate"].values() if v.get("method") == "dgh").update(lr="fast"))),
+    Case("check-data-missing", False, "params.yaml generate real set with a missing data folder",
+         params_with(lambda d: next(v for v in d["generate"].values() if v.get("method") == "real").update(
+             data="nowhere/at/all"))),
     Case("imagefolder-numbered-twice", False, "numbered layout with folders 7 and 07",
          lambda t: (lambda r: ((r / "3").rename(r / "07"), eval_cifar(r, "--class-layout", "numbered"))[1])(
              cifar_subset(t, [str(i) for i in range(10)], per_class=2))),
@@ -356,6 +436,10 @@ def main() -> None:
             code, message = -1, f"SETUP FAILED {type(exc).__name__}: {exc}"
             traceback.print_exc(file=sys.stderr)
         finally:
+            for proc in RUNNING:  # background runs a case started
+                proc.kill()
+                proc.wait()
+            RUNNING.clear()
             shutil.rmtree(tmp, ignore_errors=True)
         row = {"id": case.id, "listed": case.listed, "what": case.what, "exit": code, "message": message,
                "seconds": round(time.perf_counter() - t0, 1)}
