@@ -420,3 +420,19 @@ def test_torchvision_category_order_is_the_wnid_order() -> None:
     misses = [i for i, (c, lemma) in enumerate(zip(categories, lemmas)) if c.lower() not in lemma.lower()]
     assert misses == [134, 639]  # torchvision's renamed duplicates: 'crane bird', 'maillot tank suit'
     assert ImageNetInfo().label_names() == list(imagenet_wnids())
+
+
+def test_yolo_data_yaml_names_map_by_name(tmp_path: Path) -> None:
+    _save(tmp_path / "images" / "000000000042.jpg", np.full((10, 20, 3), 9, np.uint8))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "000000000042.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("names: [dog, cat]\n")  # the model says (cat, dog)
+    data = load_detection_data(tmp_path / "images", labels=labels, class_names=("cat", "dog"), num_classes=2)
+    assert data.class_to_category == {1: 0, 0: 1}  # model 'dog' (1) -> label class 0
+    (tmp_path / "data.yaml").write_text("names: [dog, horse]\n")
+    with pytest.raises(DatasetError, match="'horse' is not a class of the model"):
+        load_detection_data(tmp_path / "images", labels=labels, class_names=("cat", "dog"), num_classes=2)
+    (tmp_path / "data.yaml").unlink()  # no names: label class = model class
+    data = load_detection_data(tmp_path / "images", labels=labels, class_names=("cat", "dog"), num_classes=2)
+    assert data.class_to_category == {0: 0, 1: 1}

@@ -203,7 +203,7 @@ def load_detection_data(images_dir: str | Path, annotations: str | Path | None =
     Raises:
         DatasetError: both or neither ground-truth sources, missing files, no overlapping images, bad json, bad
             boxes or image sizes (:func:`check_coco_ground_truth`), no ground-truth boxes at all (every mAP
-            would be 0).
+            would be 0), YOLO class names that are not the model's (:func:`yolo_class_mapping`).
     """
     if (annotations is None) == (labels is None):
         raise DatasetError("pass exactly one of --annotations INSTANCES.json or --labels YOLO_LABEL_DIR")
@@ -217,7 +217,7 @@ def load_detection_data(images_dir: str | Path, annotations: str | Path | None =
         if not gt["annotations"]:
             raise DatasetError(f"{labels}: no ground-truth boxes for the {len(paths)} images in {images_dir} "
                                "(every mAP would be 0); check the label folder")
-        mapping = {i: i for i in range(num_classes)}
+        mapping = yolo_class_mapping(gt["categories"], class_names, num_classes, Path(labels))
         return DetectionData(paths, [im["id"] for im in gt["images"]], gt, mapping)
     ann_path = Path(annotations)
     if not ann_path.is_file():
@@ -237,6 +237,31 @@ def load_detection_data(images_dir: str | Path, annotations: str | Path | None =
           "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in keep]}
     check_coco_ground_truth(gt, ann_path, used)
     return DetectionData(used, ids, gt, map_classes_to_categories(gt["categories"], class_names, num_classes))
+
+
+def yolo_class_mapping(categories: list[dict], class_names: tuple[str, ...] | list[str], num_classes: int,
+                       labels_dir: Path) -> dict[int, int]:
+    """Model class index -> YOLO label class, by name when both the model and ``data.yaml`` name their classes.
+
+    Without names on either side the label class is the model class (same count, checked by the caller). With names
+    on both sides, each label class must name a model class (case-insensitive): a dataset whose ``data.yaml`` lists
+    the classes in another order is mapped correctly, and one with a class the model does not know is refused.
+
+    Raises:
+        DatasetError: a ``data.yaml`` name that is not a class of the model.
+    """
+    label_names = [str(c["name"]) for c in categories]
+    named = bool(class_names) and not all(n == str(c["id"]) for n, c in zip(label_names, categories))
+    if not named:
+        return {i: i for i in range(num_classes)}
+    model_index = {n.lower(): i for i, n in enumerate(class_names)}
+    mapping: dict[int, int] = {}
+    for c, name in zip(categories, label_names):
+        if name.lower() not in model_index:
+            raise DatasetError(f"{labels_dir}: data.yaml class {c['id']} {name!r} is not a class of the model "
+                               f"(its classes: {', '.join(list(class_names)[:4])}, ...)")
+        mapping[model_index[name.lower()]] = int(c["id"])
+    return mapping
 
 
 def check_coco_ground_truth(gt: dict, ann_path: Path, image_paths: list[Path]) -> None:
