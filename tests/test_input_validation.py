@@ -246,7 +246,7 @@ def test_32bit_images_are_a_clear_error(tmp_path: Path, array: np.ndarray) -> No
     (lambda x: x * 1e30, "outside"),
     (lambda x: x.index_fill(0, torch.tensor([2]), float("nan")), "NaN"),
     (lambda x: x.index_fill(0, torch.tensor([1]), float("inf")), "inf"),
-    (lambda x: x[:, :1], "3 channels"),
+    (lambda x: x[:, :1], r"3 channels|shape \(4, 1, 32, 32\)"),
     (lambda x: x[0], r"\(N, 3, H, W\)"),
     (lambda x: x[:0], "no images"),
     (lambda x: x.double() * 0 + 0.1, None),  # float64 in range: accepted (stored as float32)
