@@ -436,3 +436,13 @@ def test_yolo_data_yaml_names_map_by_name(tmp_path: Path) -> None:
     (tmp_path / "data.yaml").unlink()  # no names: label class = model class
     data = load_detection_data(tmp_path / "images", labels=labels, class_names=("cat", "dog"), num_classes=2)
     assert data.class_to_category == {0: 0, 1: 1}
+
+
+def test_worker_process_errors_keep_their_one_line_message(tmp_path: Path) -> None:
+    """With DataLoader workers (the GPU machines' default), a bad image still ends in its own one-line message."""
+    root = _cifar_folder(tmp_path / "cls", ["cat", "dog"], [3, 5])
+    _truncated_jpeg(root / "dog" / "1.jpg")
+    with pytest.raises(DatasetError, match=r"^image .*1\.jpg is truncated") as err:
+        evaluate_classification(_ConstantNet(10), get_spec("resnet20_cifar10"), root, device="cpu", progress=False,
+                                num_workers=1, batch_size=1)
+    assert "\n" not in str(err.value) and "DataLoader" not in str(err.value)
