@@ -21,6 +21,7 @@ from dgh.data.images import (
     list_images,
     read_rgb,
 )
+from dgh.io import IMAGES_FILE, ImagesFileError, load_images
 from dgh.models.spec import LoadedModel, ModelSpec
 
 NOISE = "noise"
@@ -112,18 +113,6 @@ def validate_calibration_images(images_nchw: torch.Tensor, spec: ModelSpec, sour
     return x
 
 
-def _load_images_pt(path: Path) -> torch.Tensor:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"{path} is not a loadable images tensor file ({type(exc).__name__})") from None
-    if isinstance(obj, dict):
-        obj = next((obj[k] for k in ("images_nchw", "images") if k in obj), None)
-    if not isinstance(obj, torch.Tensor):
-        raise DatasetError(f"{path} does not hold an (N, 3, H, W) images tensor")
-    return obj
-
-
 def generated_unclamped(images_file: Path) -> bool:
     """True when the ``meta.json`` next to ``images_file`` says the generator ran with ``clamp: false``.
 
@@ -155,8 +144,8 @@ def load_calibration_set(source: str | Path, loaded: LoadedModel, n_images: int 
     Args:
         source: one of
             - ``"noise"``: :func:`noise_images` (``n_images`` default 1024);
-            - an ``images.pt`` file, or a folder holding one (generation output): a tensor ``(N, 3, H, W)`` or a
-              dict with ``images_nchw``/``images``; the first ``n_images`` rows;
+            - an ``images.pt`` file, or a folder holding one (generation output, :func:`dgh.io.load_images`); the
+              first ``n_images`` rows;
             - an ImageFolder (``root/<class>/<image>``): a deterministic class-balanced subset
               (:func:`dgh.data.classification.balanced_subset` with ``seed``), eval preprocessing of the model;
             - a folder of images (or a folder with an ``images/`` sub-folder): the first ``n_images`` by name;
@@ -180,10 +169,13 @@ def load_calibration_set(source: str | Path, loaded: LoadedModel, n_images: int 
             raise DatasetError(f"n_images must be >= 1, got {n}")
         return noise_images(loaded, n, seed)
     path = Path(source)
-    if path.is_dir() and (path / "images.pt").is_file():
-        path = path / "images.pt"
+    if path.is_dir() and (path / IMAGES_FILE).is_file():
+        path = path / IMAGES_FILE
     if path.is_file():
-        images = _load_images_pt(path)
+        try:
+            images = load_images(path)
+        except ImagesFileError as exc:
+            raise DatasetError(str(exc)) from None
         images = validate_calibration_images(images, spec, path, clamped=not generated_unclamped(path))
         return _subset_rows(images, n_images)
     if not path.is_dir():
