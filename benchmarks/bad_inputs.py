@@ -238,7 +238,9 @@ def params_with(edit: Callable[[dict], None]) -> Callable[[Path], list[str]]:
 
 
 def first_experiment(data: dict) -> dict:
-    return next(iter(data["experiments"].values()))
+    """The first experiment entry (``experiments`` at the top, or under the ``imagenet``/``coco`` task)."""
+    section = data.get("experiments") or data["imagenet"]["experiments"]
+    return next(iter(section.values()))
 
 
 def second_generate_on_same_out(tmp: Path) -> list[str]:
