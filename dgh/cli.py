@@ -8,6 +8,8 @@ Commands (the contract of ``../shared/docs/architecture.md``)::
     dgh evaluate-imagenet --model NAME [--weights PATH] [--quantized DIR] --data IMAGEFOLDER --metrics-out FILE.json
     dgh evaluate-coco     --model NAME [--weights PATH] [--quantized DIR] --images DIR
                           (--annotations INSTANCES.json | --labels YOLO_LABEL_DIR) [--imgsz S] --metrics-out FILE.json
+    dgh stats     --model NAME [--weights PATH] --data IMAGES_PT_OR_FOLDER_OR_noise --out DIR [--reference REAL]
+                  [--quantized DIR]
     dgh report  [--params params.yaml]          # reports/results.md, accuracy.png, calibration_images.png
     dgh check   [--params params.yaml]          # validate params.yaml and every path it names
     dgh stage STAGE [ID]                        # one DVC stage by hand (dvc.yaml runs python -m dgh.pipeline.*)
@@ -40,12 +42,15 @@ from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
 from dgh.pipeline.generate import run_generate
 from dgh.pipeline.quantize import run_quantize
 from dgh.pipeline.report import run_report
+from dgh.pipeline.stats import run_stats
 from dgh.preflight import PreflightError, check_output_dir, merge_settings, output_lock
 from dgh.project_check import check_project
 from dgh.quantization import QuantConfig
 from dgh.runs.evaluate import ClassificationData, DetectionData, evaluate_to_file
 from dgh.runs.generate import generate_to_dir
 from dgh.runs.quantize import quantize_to_dir
+from dgh.runs.stats import quant_stats_to_dir, stats_to_dir
+from dgh.stats import ClipMode
 
 app = typer.Typer(
     name="dgh",
@@ -240,6 +245,49 @@ def quantize_cmd(
 QUANTIZED_OPT = typer.Option(None, "--quantized", help="Folder (or file) from `dgh quantize`; omit to evaluate the float model.")
 
 
+@app.command("stats")
+@friendly
+def stats_cmd(
+    model: str = MODEL_OPT,
+    weights: Optional[Path] = WEIGHTS_OPT,
+    imgsz: Optional[int] = IMGSZ_OPT,
+    data: str = typer.Option(..., "--data", help="The set: a folder with images.pt (from `dgh generate`) or the file, an ImageFolder, a folder of images, or 'noise'."),
+    n_images: Optional[int] = typer.Option(None, "--n-images", min=1, help="Use at most this many images (real folders: class-balanced subset; noise: default 1024)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the real-image subset / noise images."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Real images of the same model (same forms as --data) whose output coverage is stored next to the set's (stats.output_range_ratio)."),
+    n_reference: Optional[int] = typer.Option(None, "--n-reference", min=1, help="Use at most this many reference images."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name of the set in stats.json and the figures. Default: the --data value's last path part."),
+    quantized: Optional[Path] = typer.Option(None, "--quantized", help="Also the per-site clipping rates of this quantized model (`dgh quantize` folder) on --data: quant_stats.json."),
+    clip_mode: ClipMode = typer.Option(ClipMode.QUANTIZED, "--clip-mode", help="quantized: values each quantizer sees in the quantized model; float: with every quantizer off."),
+    out: Path = typer.Option(..., "--out", help="Output folder: stats.json, stats_layers.csv, stats_output_ranges.csv, stats_bn_layers.png, stats_output_ranges.png (+ quant_stats.json, quant_clipping.png)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass (memory only)."),
+    device: str = DEVICE_OPT,
+    progress: bool = PROGRESS_OPT,
+) -> None:
+    """Statistics of a calibration set (generated, real or noise) through the float model: per-layer BN distance
+    (mean and std terms), pixel mean/std and clamp fractions, output range per image, prediction entropy; with
+    --quantized, the clipping rate of every activation quantizer."""
+    _check_device(device)
+    check_output_dir(out)
+    with output_lock(out):
+        loaded = load_model(model, str(weights) if weights else None, imgsz)
+        images = load_calibration_set(data, loaded, n_images=n_images, seed=seed, progress=progress)
+        ref = None
+        if reference is not None:
+            ref_images = load_calibration_set(reference, loaded, n_images=n_reference, seed=seed, progress=progress)
+            ref = stats_to_dir(loaded, ref_images, out / "reference", source=Path(reference).name or "real",
+                               batch_size=batch_size, device=device, plots=False).stats
+        name = label or Path(data).name or data
+        doc = stats_to_dir(loaded, images, out, source=name, reference=ref, batch_size=batch_size, device=device)
+        if quantized is not None:
+            qs = quant_stats_to_dir(loaded, quantized, images, out, source=name, mode=ClipMode(clip_mode),
+                                    batch_size=batch_size, device=device)
+            doc_q = qs.summary()
+        else:
+            doc_q = {}
+    typer.echo(json.dumps({**doc.summary, **doc_q}))
+
+
 @app.command("evaluate-imagenet")
 @friendly
 def evaluate_imagenet_cmd(
@@ -321,6 +369,7 @@ STAGES: dict[str, Callable[[Project, str], Path]] = {
     "evaluate": run_evaluate,
     "evaluate_imagenet_float": lambda project, model: run_evaluate_float(project, "imagenet", model),
     "evaluate_coco_float": lambda project, model: run_evaluate_float(project, "coco", model),
+    "stats": run_stats,
     "report": run_report,
 }
 
@@ -329,7 +378,7 @@ STAGES: dict[str, Callable[[Project, str], Path]] = {
 @friendly
 def stage_cmd(
     stage: str = typer.Argument(..., help=" | ".join(STAGES)),
-    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, evaluate) or model key (*_float)."),
+    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, evaluate) or model key (*_float, stats)."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Run one pipeline stage by hand (dvc.yaml runs the same functions as python -m dgh.pipeline.<stage>)."""
