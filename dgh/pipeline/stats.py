@@ -25,6 +25,7 @@ from dgh.stats.outputs import (
     BN_PLOT_FILE,
     LAYERS_FILE,
     RANGES_PLOT_FILE,
+    STATS_DIR,
     STATS_FILE,
     layers_csv,
     log_stats,
@@ -33,7 +34,7 @@ from dgh.stats.outputs import (
 from dgh.stats.plots import plot_bn_layers, plot_output_ranges
 from dgh.tracking import TAG_KIND
 
-STATS_STAGE = "stats"
+STATS_STAGE = STATS_DIR
 LAYERS_STAGE = "stats_layers"
 MODEL_BN_PLOT = "bn_layers.png"
 MODEL_RANGES_PLOT = "output_ranges.png"

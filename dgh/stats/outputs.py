@@ -30,6 +30,8 @@ from dgh.stats.calibration import CalibrationStats, StatsError
 from dgh.stats.plots import plot_bn_layers, plot_output_ranges
 from dgh.tracking import Tracker
 
+STATS_DIR = "stats"
+"""Stage folder of the pipeline's statistics: ``stages/stats/<model>/<set-id>/stats.json``."""
 STATS_FILE = "stats.json"
 LAYERS_FILE = "stats_layers.csv"
 RANGES_FILE = "stats_output_ranges.csv"
@@ -172,3 +174,43 @@ def log_stats(
     for path in artifacts:
         tracker.log_artifact(run_id, path, artifact_path)
     return n
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def stats_table_markdown(sets: dict[str, StatsFile]) -> str:
+    """A markdown table, one row per calibration set of one model (``{set id: stats.json content}``).
+
+    Columns: the source and N; the dataset-level BN distance L_BN with its mean and std parts; the percentage of
+    pixels at 0 and at 1; the mean per-image output range (detectors: per head level), its ratio to the real set;
+    the output min..max; for classifiers the prediction entropy (nats) and the number of distinct classes.
+    """
+    if not sets:
+        return ""
+    classify = any(doc.stats.predictions is not None for doc in sets.values())
+    head = ["source (set)", "N", "BN distance L_BN (mean + std part)", "pixels at 0 / at 1 (%)",
+            "output range per image, mean", "range / real", "output min .. max"]
+    if classify:
+        head.append("pred. entropy (nats) / classes")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for set_id, doc in sets.items():
+        st, s = doc.stats, doc.summary
+        bn = (f"{st.bn_distance:.3g} ({s['stats.bn_mean_part']:.2g} + {s['stats.bn_std_part']:.2g})"
+              if st.bn_distance is not None else "—")
+        if len(st.outputs) > 1:
+            rng = " / ".join(f"{o.range_mean:.3g}" for o in st.outputs) + " (per level)"
+        else:
+            o = st.outputs[0]
+            rng = f"{o.range_mean:.3g} (p5 {o.range_percentiles['p5']:.3g}, p95 {o.range_percentiles['p95']:.3g})"
+        ratio = s.get("stats.output_range_ratio")
+        row = [f"{st.source} (`{set_id}`)", str(st.n_images), bn,
+               f"{_pct(st.pixels.at_low_all)} / {_pct(st.pixels.at_high_all)}", rng,
+               f"{ratio:.2f}" if ratio is not None else "—",
+               f"{s['stats.output_min']:.3g} .. {s['stats.output_max']:.3g}"]
+        if classify:
+            p = st.predictions
+            row.append(f"{p.entropy_nats:.2f} / {p.distinct}" if p is not None else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
