@@ -12,7 +12,7 @@ Files of one set (:func:`write_stats`), next to its ``images.pt``:
   histograms of the set, next to the real set when there is one (:mod:`dgh.stats.plots`).
 
 MLflow (:func:`log_stats`): the summary as metrics, the per-layer curves as step metrics (``stats.layer.*``, step =
-layer index ``l``), the layer names as a logged table (``stats_layers.json``), and the files and figures as
+layer index ``l``), the layer names as a table (``stats_layers.json``), and the files and figures as
 artifacts.
 """
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +39,7 @@ LAYERS_FILE = "stats_layers.csv"
 RANGES_FILE = "stats_output_ranges.csv"
 BN_PLOT_FILE = "stats_bn_layers.png"
 RANGES_PLOT_FILE = "stats_output_ranges.png"
+LAYERS_TABLE_FILE = "stats_layers.json"
 LAYER_COLUMNS = ("layer", "name", "channels", "mean_term", "std_term", "bn_distance")
 LAYER_METRICS = ("bn_distance", "mean_term", "std_term")
 
@@ -145,7 +148,8 @@ def log_stats(
     - metrics: ``doc.summary`` (``stats.bn_distance``, ``stats.clip_low``, ``stats.output_range_ratio`` ...) at step 0;
     - step metrics ``stats.layer.bn_distance`` / ``stats.layer.mean_term`` / ``stats.layer.std_term`` with the
       layer index as the step;
-    - a table ``stats_layers.json`` (MLflow ``log_table``) naming each layer index;
+    - a table ``stats_layers.json`` naming each layer index (MLflow's table format ``{"columns", "data"}``, as
+      ``log_table`` writes it; logged as a plain artifact so that a re-run replaces it instead of appending);
     - ``artifacts`` (files; missing ones skipped) under ``artifact_path``.
 
     Returns:
@@ -163,14 +167,14 @@ def log_stats(
         ]
         n += tracker.log_history(run_id, history)
         table = {
-            "layer": [layer.index for layer in layers],
-            "name": [layer.name for layer in layers],
-            "channels": [layer.channels for layer in layers],
-            "bn_distance": [layer.distance for layer in layers],
-            "mean_term": [layer.mean_term for layer in layers],
-            "std_term": [layer.std_term for layer in layers],
+            "columns": ["layer", "name", "channels", "bn_distance", "mean_term", "std_term"],
+            "data": [[layer.index, layer.name, layer.channels, layer.distance, layer.mean_term, layer.std_term]
+                     for layer in layers],
         }
-        tracker.client.log_table(run_id, table, f"{artifact_path}/stats_layers.json")
+        with tempfile.TemporaryDirectory() as tmp:  # log_artifact replaces an earlier table (log_table appends)
+            path = Path(tmp) / LAYERS_TABLE_FILE
+            path.write_text(json.dumps(table))
+            tracker.log_artifact(run_id, path, artifact_path)
     for path in artifacts:
         tracker.log_artifact(run_id, path, artifact_path)
     return n
