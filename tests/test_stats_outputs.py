@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +80,65 @@ def test_log_stats_to_mlflow(tmp_path, two_sets) -> None:
         tab = json.load(f)
     assert tab["columns"][:2] == ["layer", "name"]
     assert [row[1] for row in tab["data"]] == [layer.name for layer in synth.bn_layers]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_rest_api_returns_stats_metrics_of_generated_sets(tmp_path, two_sets) -> None:
+    """The stats.* metrics of a generated set's run, read back through a real `mlflow server`'s REST API."""
+    real, synth = two_sets
+    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlartifacts", commit="abc")
+    rid = tracker.start_run("tiny", "generate/tiny-dgh", fresh=True, tags={"dgh.kind": "generation", "dgh.calib": "dgh"})
+    doc = make_stats_file(synth, reference=real)
+    log_stats(tracker, rid, doc)
+    tracker.finish(rid)
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=tiny", timeout=10) as r:
+            exp_id = json.load(r)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [exp_id], "filter": "tags.`dgh.kind` = 'generation'"})
+        req = urllib.request.Request(f"{base}/runs/search", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        assert len(runs) == 1
+        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+        for key in ("stats.bn_distance", "stats.clip_low", "stats.clip_high", "stats.output_range_ratio",
+                    "stats.pred_entropy"):
+            assert metrics[key] == pytest.approx(doc.summary[key], rel=1e-9)
+        query = f"run_id={rid}&metric_key=stats.layer.bn_distance"
+        with urllib.request.urlopen(f"{base}/metrics/get-history?{query}", timeout=10) as r:
+            history = json.load(r)["metrics"]
+        assert sorted((m["step"], m["value"]) for m in history) == [
+            (layer.index, pytest.approx(layer.distance, rel=1e-9)) for layer in synth.bn_layers]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
