@@ -65,6 +65,8 @@ def test_log_stats_to_mlflow(tmp_path, two_sets) -> None:
     n = log_stats(tracker, rid, doc, artifacts=files)
     tracker.finish(rid)
     run = tracker.client.get_run(rid)
+    # the MLflow 3 UI shows the runs/compare view (not the GenAI traces view) for experiments of this kind
+    assert tracker.client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
     for key in ("stats.bn_distance", "stats.clip_low", "stats.clip_high", "stats.output_range_ratio",
                 "stats.pred_entropy"):
         assert run.data.metrics[key] == pytest.approx(doc.summary[key])
