@@ -14,9 +14,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from dgh.cli import app
 
 from dgh.stats import StatsError, calibration_set_stats
-from dgh.stats.outputs import LAYER_COLUMNS, log_stats, make_stats_file, read_stats, write_stats
+from dgh.stats.outputs import (
+    LAYER_COLUMNS,
+    log_stats,
+    make_stats_file,
+    read_stats,
+    stats_table_markdown,
+    write_stats,
+)
 from dgh.tracking import Tracker
 from tests.test_stats import ChannelMeanLogits, TinyBNNet, _images, _loaded
 
@@ -144,3 +154,30 @@ def test_mlflow_server_rest_api_returns_stats_metrics_of_generated_sets(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_report_table_has_one_row_per_source(two_sets) -> None:
+    real, synth = two_sets
+    table = stats_table_markdown({"tiny-real": make_stats_file(real), "tiny-dgh": make_stats_file(synth, real)})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| real (`tiny-real`) | 6 |")
+    dgh_row = lines[3].split(" | ")
+    assert dgh_row[0] == "| dgh (`tiny-dgh`)"
+    assert dgh_row[2].startswith(f"{synth.bn_distance:.3g} (")
+    assert dgh_row[5] == f"{synth.output_range_mean / real.output_range_mean:.2f}"
+    assert lines[3].endswith(f"| {synth.predictions.entropy_nats:.2f} / {synth.predictions.distinct} |")
+
+
+def test_dgh_stats_command_on_noise(tmp_path, resnet20_weights) -> None:
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["stats", "--model", "resnet20_cifar10", "--weights", str(resnet20_weights),
+                                      "--data", "noise", "--n-images", "8", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    doc = read_stats(out)
+    assert doc.stats.n_images == 8 and doc.stats.source == "noise"
+    assert summary["stats.bn_distance"] == pytest.approx(doc.stats.bn_distance)
+    assert len(doc.stats.bn_layers) == 20  # 19 BN layers + the input pseudo-layer
+    bad = CliRunner().invoke(app, ["stats", "--model", "resnet20_cifar10", "--weights", str(resnet20_weights),
+                                   "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "not found" in bad.output
