@@ -129,6 +129,7 @@ def test_repro_writes_real_metrics_and_report(project):
     cells = json.loads((root / "reports" / "results.json").read_text())["cells"]
     assert len(cells) == 4 + 1 + 1 + 1 and all(c["value"] is not None for c in cells)  # every cell filled
     assert "| dgh | " in md and "| noise | " in md and "W4A8 pot mse" in md
+    assert "Calibration-set statistics of resnet20_cifar10" in md and "| dgh (`r20-dgh`) | 16 |" in md
     for png in ("accuracy.png", "calibration_images.png"):
         assert (root / "reports" / png).stat().st_size > 1000
 
@@ -159,6 +160,12 @@ def test_mlflow_runs_hold_real_values(project):
     assert frun.data.metrics["top1"] == pytest.approx(_metrics(root, "imagenet", "resnet20_cifar10-float")["top1"])
     grun = client.get_run(tracker.find_run("yolov5n", "generate/y5-dgh"))
     assert len(client.get_metric_history(grun.info.run_id, "loss")) == 2
+    # calibration-set statistics (stage stats) on the generation runs, the real set as the reference
+    stats = json.loads((root / "stages" / "stats" / "resnet20_cifar10" / "r20-dgh" / "stats.json").read_text())
+    gmetrics = client.get_run(tracker.find_run("resnet20_cifar10", "generate/r20-dgh")).data.metrics
+    assert gmetrics["stats.bn_distance"] == pytest.approx(stats["stats"]["bn_distance"]) > 0
+    assert gmetrics["stats.output_range_ratio"] == pytest.approx(stats["summary"]["stats.output_range_ratio"])
+    assert 0.0 <= gmetrics["stats.clip_low"] <= 1.0 and 0.0 < gmetrics["stats.pred_entropy"] <= math.log(10) + 1e-9
     drun = client.get_run(tracker.find_run("yolov5n", "y5-dgh-w8a8"))
     assert 0.0 <= drun.data.metrics["map"] <= 1.0
 
@@ -200,9 +207,11 @@ def test_editing_one_generation_knob_reruns_only_its_downstream(project):
     params["generate"]["r20-dgh"]["iterations"] = 4
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     status = _status(root, env)
-    # the stages that read that entry: its generation, the experiments calibrated with it, the report
+    # the stages that read that entry: its generation, the experiments calibrated with it, the statistics (every
+    # model's stats stage reads the whole `generate` section) and the report
     assert set(status) == {"generate@r20-dgh", "quantize_imagenet@r20-dgh-w8a8", "quantize_imagenet@r20-dgh-w4a8",
-                           "evaluate_imagenet@r20-dgh-w8a8", "evaluate_imagenet@r20-dgh-w4a8", "report"}, status
+                           "evaluate_imagenet@r20-dgh-w8a8", "evaluate_imagenet@r20-dgh-w4a8",
+                           "stats@resnet20_cifar10", "stats@yolov5n", "report"}, status
     assert "generate.r20-dgh" in json.dumps(status["generate@r20-dgh"])
     untouched = {p: p.stat().st_mtime_ns for p in (root / "stages").rglob("metrics.json")}
     out = run(["dvc", "repro"], root, env).stdout
@@ -214,6 +223,8 @@ def test_editing_one_generation_knob_reruns_only_its_downstream(project):
         "quantize_imagenet@r20-dgh-w4a8",
         "evaluate_imagenet@r20-dgh-w8a8",
         "evaluate_imagenet@r20-dgh-w4a8",
+        "stats@resnet20_cifar10",
+        "stats@yolov5n",
         "report",
     }, out
     for path, mtime in untouched.items():
