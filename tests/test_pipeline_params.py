@@ -124,6 +124,7 @@ def test_dvc_yaml_matches_params():
         "evaluate_coco": ("${coco.experiments}", set(params.coco.experiments)),
         "evaluate_imagenet_float": ("${imagenet.eval}", set(params.imagenet.eval)),
         "evaluate_coco_float": ("${coco.eval}", set(params.coco.eval)),
+        "stats": ("${models}", set(params.models)),
     }
     assert set(dvc) == set(expected) | {"inputs", "report"}
     for name, (foreach, _) in expected.items():
