@@ -17,6 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dgh.cli import app
+from dgh.generation import GenerationConfig
+from dgh.models import load_model
+from dgh.runs.generate import generate_to_dir
 
 from dgh.stats import StatsError, calibration_set_stats
 from dgh.stats.outputs import (
@@ -181,3 +184,13 @@ def test_dgh_stats_command_on_noise(tmp_path, resnet20_weights) -> None:
     bad = CliRunner().invoke(app, ["stats", "--model", "resnet20_cifar10", "--weights", str(resnet20_weights),
                                    "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "t")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_generate_to_dir_writes_stats_matching_the_generation_bn_distance(tmp_path, resnet20_weights) -> None:
+    loaded = load_model("resnet20_cifar10", str(resnet20_weights))
+    config = GenerationConfig.for_method("dgh", n_images=6, iterations=1, batch_size=3)
+    result = generate_to_dir(loaded, config, tmp_path, device="cpu", progress=False)
+    doc = read_stats(tmp_path)
+    # the same images, the same L_BN definition and batch size as the engine's final bn_distance
+    assert doc.stats.bn_distance == pytest.approx(result.loss_terms["bn_distance"], rel=1e-12)
+    assert doc.stats.source == "dgh" and doc.stats.n_images == 6
