@@ -56,6 +56,7 @@ def tiny_params(assets: Path, val_dir: Path) -> dict:
             "experiments": {"y5-dgh-w8a8": exp(y5, "y5-dgh", 8)},
         },
         "report": {"out_dir": "reports", "grid_images": 4},
+        "export": {"enabled": True, "opset": 17, "sample_images": 4, "evaluate_backend": "pytorch"},
     }
 
 
