@@ -10,6 +10,8 @@ Commands (the contract of ``../shared/docs/architecture.md``)::
                           (--annotations INSTANCES.json | --labels YOLO_LABEL_DIR) [--imgsz S] --metrics-out FILE.json
     dgh stats     --model NAME [--weights PATH] --data IMAGES_PT_OR_FOLDER_OR_noise --out DIR [--reference REAL]
                   [--quantized DIR]
+    dgh export  --model NAME [--weights PATH] [--imgsz S] --quantized DIR --out DIR [--calib SRC] [--opset N]
+                                                # DIR/model.onnx (QDQ) + export.json, checked in onnxruntime
     dgh report  [--params params.yaml]          # reports/results.md, accuracy.png, calibration_images.png
     dgh check   [--params params.yaml]          # validate params.yaml and every path it names
     dgh stage STAGE [ID]                        # one DVC stage by hand (dvc.yaml runs python -m dgh.pipeline.*)
@@ -34,11 +36,13 @@ from dgh.data import load_calibration_set
 from dgh.data.classification import ClassLayout
 from dgh.env import configure_offline, resolve_device
 from dgh.errors import validation_error_line
+from dgh.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, Backend, export_to_dir
 from dgh.generation import GenerationConfig, Method
 from dgh.models import get_spec, list_models, load_model
 from dgh.params import ParamsError, check_paths, load_params
 from dgh.pipeline.common import Project, open_project
 from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
+from dgh.pipeline.export import run_export
 from dgh.pipeline.generate import run_generate
 from dgh.pipeline.quantize import run_quantize
 from dgh.pipeline.report import run_report
@@ -243,6 +247,42 @@ def quantize_cmd(
 
 
 QUANTIZED_OPT = typer.Option(None, "--quantized", help="Folder (or file) from `dgh quantize`; omit to evaluate the float model.")
+BACKEND_OPT = typer.Option("pytorch", "--backend", help="pytorch: the float or fake-quant PyTorch model; onnxruntime: the exported --onnx file (from `dgh export`), run by onnxruntime.")
+ONNX_OPT = typer.Option(None, "--onnx", help="model.onnx (or its folder) from `dgh export`; used with --backend onnxruntime.")
+
+
+def _backend(value: str) -> Backend:
+    try:
+        return Backend(value)
+    except ValueError:
+        raise CliError(f"--backend must be one of {', '.join(b.value for b in Backend)}, got {value!r}") from None
+
+
+@app.command("export")
+@friendly
+def export_cmd(
+    model: str = MODEL_OPT,
+    weights: Optional[Path] = WEIGHTS_OPT,
+    imgsz: Optional[int] = IMGSZ_OPT,
+    quantized: Path = typer.Option(..., "--quantized", help="Folder (or file) from `dgh quantize`."),
+    out: Path = typer.Option(..., "--out", help="Output folder: model.onnx (QuantizeLinear/DequantizeLinear) and export.json."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Images for the onnxruntime check (same sources as `dgh quantize --calib`). Default: random images over the valid pixel range."),
+    n_sample: int = typer.Option(8, "--n-sample", min=1, help="Number of images run through onnxruntime and PyTorch on export."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset."),
+) -> None:
+    """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear and check it in onnxruntime.
+
+    Fails (and writes nothing) when a quantized tensor differs from the fake-quant model by more than one
+    quantization step; export.json holds the file size, the QDQ counts and the agreement in steps.
+    """
+    loaded = load_model(model, str(weights) if weights else None, imgsz)
+    sample = load_calibration_set(calib, loaded, n_images=n_sample) if calib else None
+    record = {"model": model, "weights": str(weights) if weights else None, "quantized": str(quantized)}
+    summary = export_to_dir(loaded, quantized, out, sample_nchw=sample, opset=opset, record=record)
+    a = summary["agreement"]
+    typer.echo(f"wrote {out}/model.onnx ({summary['size_bytes'] / 1e6:.3f} MB, {summary['activation_qdq']} "
+               f"activation QDQ, {summary['weight_dq']} weight DQ); onnxruntime vs fake-quant: outputs within "
+               f"{a['max_output_steps']:g} steps, every tensor within {a['max_local_steps']:g} step given equal inputs")
 
 
 @app.command("stats")
@@ -301,13 +341,17 @@ def evaluate_imagenet_cmd(
     metrics_out: Path = typer.Option(..., "--metrics-out", help="JSON file: top1, top5 (percent), n_images."),
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
+    backend: str = BACKEND_OPT,
+    onnx: Optional[Path] = ONNX_OPT,
 ) -> None:
     """Top-1 / top-5 accuracy (percent) of the float or quantized classifier on an ImageFolder."""
+    runtime = _backend(backend)
     _check_device(device)
     _check_metrics_out(metrics_out)
     loaded = load_model(model, str(weights) if weights else None, None)
     metrics = evaluate_to_file(loaded, ClassificationData(data, limit, batch_size, ClassLayout(class_layout)),
-                               metrics_out, quantized=quantized, device=device, progress=progress)
+                               metrics_out, quantized=quantized, device=device, progress=progress, backend=runtime,
+                               onnx=onnx)
     typer.echo(json.dumps(metrics))
 
 
@@ -325,13 +369,17 @@ def evaluate_coco_cmd(
     metrics_out: Path = typer.Option(..., "--metrics-out", help="JSON file: map (mAP@[.5:.95], 0-1), map50 (0-1), n_images."),
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
+    backend: str = BACKEND_OPT,
+    onnx: Optional[Path] = ONNX_OPT,
 ) -> None:
     """COCO mAP (pycocotools) of the float or quantized detector; letterboxed input, decoding and NMS in float."""
+    runtime = _backend(backend)
     data = DetectionData(images, labels=labels, annotations=annotations, imgsz=imgsz, batch_size=batch_size)
     _check_device(device)
     _check_metrics_out(metrics_out)
     loaded = load_model(model, str(weights) if weights else None, imgsz)
-    metrics = evaluate_to_file(loaded, data, metrics_out, quantized=quantized, device=device, progress=progress)
+    metrics = evaluate_to_file(loaded, data, metrics_out, quantized=quantized, device=device, progress=progress,
+                               backend=runtime, onnx=onnx)
     typer.echo(json.dumps(metrics))
 
 
@@ -366,6 +414,7 @@ def check_cmd(params: Path = PARAMS_OPT) -> None:
 STAGES: dict[str, Callable[[Project, str], Path]] = {
     "generate": run_generate,
     "quantize": run_quantize,
+    "export": run_export,
     "evaluate": run_evaluate,
     "evaluate_imagenet_float": lambda project, model: run_evaluate_float(project, "imagenet", model),
     "evaluate_coco_float": lambda project, model: run_evaluate_float(project, "coco", model),
@@ -378,7 +427,7 @@ STAGES: dict[str, Callable[[Project, str], Path]] = {
 @friendly
 def stage_cmd(
     stage: str = typer.Argument(..., help=" | ".join(STAGES)),
-    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, evaluate) or model key (*_float, stats)."),
+    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, export, evaluate) or model key (*_float, stats)."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Run one pipeline stage by hand (dvc.yaml runs the same functions as python -m dgh.pipeline.<stage>)."""

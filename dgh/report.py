@@ -115,6 +115,14 @@ def _fmt(value: float | None, delta: float | None, digits: int, is_float_row: bo
     return f"{value:.{digits}f} ({delta:+.{digits}f})"
 
 
+ONNX_MARK = " †"
+
+
+def _backend_mark(cell: Cell) -> str:
+    """`` †`` for a cell scored by onnxruntime on the exported ``model.onnx`` (metrics ``backend``), else empty."""
+    return ONNX_MARK if cell.value is not None and cell.metrics.get("backend") == "onnxruntime" else ""
+
+
 def table_markdown(cells: list[Cell], task: str, model: str) -> str:
     """The markdown table of one task and model (rows: sources; columns: settings; float row repeated)."""
     mine = [c for c in cells if c.task == task and c.model == model]
@@ -130,7 +138,7 @@ def table_markdown(cells: list[Cell], task: str, model: str) -> str:
                 out.append(_fmt(float_cell.value if float_cell else None, None, digits, True))
                 continue
             c = next((c for c in mine if c.row == row and c.setting == s), None)
-            out.append("" if c is None else _fmt(c.value, c.delta, digits, False))
+            out.append("" if c is None else _fmt(c.value, c.delta, digits, False) + _backend_mark(c))
         lines.append(f"| {row} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -194,6 +202,8 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
         "Rows: where the calibration images came from; columns: `WxAy preset algorithm` (x-bit weights, y-bit",
         "activations); cells: the metric, and in parentheses its difference to the float model on the same images.",
         "`—` = not run yet. Calibration sets are listed under each table.",
+        "Backend: quantized cells come from the PyTorch fake-quant model, except those marked `†`, which onnxruntime",
+        "computed on the exported `model.onnx` (stage `export`, `export.evaluate_backend` in params.yaml).",
         "",
     ]
     for task, title in (("imagenet", "Classification"), ("coco", "Detection")):

@@ -56,6 +56,7 @@ def tiny_params(assets: Path, val_dir: Path) -> dict:
             "experiments": {"y5-dgh-w8a8": exp(y5, "y5-dgh", 8)},
         },
         "report": {"out_dir": "reports", "grid_images": 4},
+        "export": {"enabled": True, "opset": 17, "sample_images": 4, "evaluate_backend": "pytorch"},
     }
 
 
@@ -155,6 +156,11 @@ def test_mlflow_runs_hold_real_values(project):
     arts = {a.path for a in client.list_artifacts(rid, "quantization")}
     assert "quantization/quantized.pt" in arts and "quantization/quantization_report.csv" in arts
     assert {a.path for a in client.list_artifacts(rid, "calibration")} >= {"calibration/preview.png"}
+    # the export stage logs model.onnx, its size and the onnxruntime agreement into the same run
+    assert {a.path for a in client.list_artifacts(rid, "export")} >= {"export/model.onnx", "export/export.json"}
+    record = json.loads((root / "stages" / "export" / "r20-dgh-w4a8" / "export.json").read_text())
+    assert run.data.metrics["onnx_size_bytes"] == record["size_bytes"] > 0
+    assert run.data.metrics["onnx_max_local_steps"] <= 1.0
     # float baseline and generation runs are their own runs
     frun = client.get_run(tracker.find_run("resnet20_cifar10", "resnet20_cifar10-float"))
     assert frun.data.metrics["top1"] == pytest.approx(_metrics(root, "imagenet", "resnet20_cifar10-float")["top1"])
@@ -186,7 +192,7 @@ def test_editing_a_module_marks_exactly_the_stages_that_import_it(project):
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     assert _status(root, env) == {}
     for module, groups in (("dgh/io.py", set(dvc)),
-                           ("dgh/evaluation/coco.py", {g for g in dvc if g.startswith("evaluate_")})):
+                           ("dgh/evaluation/coco.py", {g for g in dvc if g.startswith(("evaluate_", "export_"))})):
         path = root / module
         original = path.read_text()
         path.write_text(original + "\n# edited\n")
@@ -211,6 +217,7 @@ def test_editing_one_generation_knob_reruns_only_its_downstream(project):
     # the stages that read that entry: its generation, the experiments calibrated with it, the statistics (every
     # model's stats stage reads the whole `generate` section) and the report
     assert set(status) == {"generate@r20-dgh", "quantize_imagenet@r20-dgh-w8a8", "quantize_imagenet@r20-dgh-w4a8",
+                           "export_imagenet@r20-dgh-w8a8", "export_imagenet@r20-dgh-w4a8",
                            "evaluate_imagenet@r20-dgh-w8a8", "evaluate_imagenet@r20-dgh-w4a8",
                            "stats@resnet20_cifar10", "stats@yolov5n", "report"}, status
     assert "generate.r20-dgh" in json.dumps(status["generate@r20-dgh"])
@@ -222,6 +229,8 @@ def test_editing_one_generation_knob_reruns_only_its_downstream(project):
         "generate@r20-dgh",
         "quantize_imagenet@r20-dgh-w8a8",
         "quantize_imagenet@r20-dgh-w4a8",
+        "export_imagenet@r20-dgh-w8a8",
+        "export_imagenet@r20-dgh-w4a8",
         "evaluate_imagenet@r20-dgh-w8a8",
         "evaluate_imagenet@r20-dgh-w4a8",
         "stats@resnet20_cifar10",
