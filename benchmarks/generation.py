@@ -1,4 +1,4 @@
-"""Benchmark of the DGH generation engine (issue 3). Every figure is a ratio measured in the same run.
+"""Benchmark of the DGH generation engine. Every figure is a ratio measured in the same run.
 
 Each measurement runs in its own subprocess (clean peak-RSS, no shared caches):
 

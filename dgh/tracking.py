@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dgh.env import configure_offline
 
 TAG_KEY = "dgh.run_key"
 TAG_KIND = "dgh.kind"  # experiment | float | generation
-TAG_STAGE = "dgh.stage"
 MAX_BATCH = 900  # MLflow log_batch accepts at most 1000 metrics per call
 
 
@@ -100,7 +98,6 @@ class Tracker:
     commit: str = "unknown"
 
     def __post_init__(self) -> None:
-        configure_offline()
         from mlflow.tracking import (
             MlflowClient,  # slow import; only when tracking is used
         )

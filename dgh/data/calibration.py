@@ -20,6 +20,7 @@ from dgh.data.images import (
     list_images,
     read_rgb_cv2,
 )
+from dgh.io import IMAGES_FILE, ImagesFileError, load_images
 from dgh.models.spec import LoadedModel
 
 NOISE = "noise"
@@ -40,18 +41,6 @@ def noise_images(loaded: LoadedModel, n_images: int, seed: int = 0) -> torch.Ten
     return torch.randn(n_images, 3, h, w, generator=gen).clamp(lo, hi)
 
 
-def _load_images_pt(path: Path) -> torch.Tensor:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"{path} is not a loadable images tensor file ({type(exc).__name__})") from None
-    if isinstance(obj, dict):
-        obj = next((obj[k] for k in ("images_nchw", "images") if k in obj), None)
-    if not isinstance(obj, torch.Tensor) or obj.ndim != 4 or obj.shape[1] != 3:
-        raise DatasetError(f"{path} does not hold an (N, 3, H, W) images tensor")
-    return obj.float()
-
-
 def _subset_rows(images_nchw: torch.Tensor, n_images: int | None) -> torch.Tensor:
     if n_images is None:
         return images_nchw
@@ -67,8 +56,8 @@ def load_calibration_set(source: str | Path, loaded: LoadedModel, n_images: int 
     Args:
         source: one of
             - ``"noise"``: :func:`noise_images` (``n_images`` default 1024);
-            - an ``images.pt`` file, or a folder holding one (generation output): a tensor ``(N, 3, H, W)`` or a
-              dict with ``images_nchw``/``images``; the first ``n_images`` rows;
+            - an ``images.pt`` file, or a folder holding one (generation output, :func:`dgh.io.load_images`); the
+              first ``n_images`` rows;
             - an ImageFolder (``root/<class>/<image>``): a deterministic class-balanced subset
               (:func:`dgh.data.classification.balanced_subset` with ``seed``), eval preprocessing of the model;
             - a folder of images (or a folder with an ``images/`` sub-folder): the first ``n_images`` by name;
@@ -91,10 +80,13 @@ def load_calibration_set(source: str | Path, loaded: LoadedModel, n_images: int 
             raise DatasetError(f"n_images must be >= 1, got {n}")
         return noise_images(loaded, n, seed)
     path = Path(source)
-    if path.is_dir() and (path / "images.pt").is_file():
-        path = path / "images.pt"
+    if path.is_dir() and (path / IMAGES_FILE).is_file():
+        path = path / IMAGES_FILE
     if path.is_file():
-        images = _subset_rows(_load_images_pt(path), n_images)
+        try:
+            images = _subset_rows(load_images(path), n_images)
+        except ImagesFileError as exc:
+            raise DatasetError(str(exc)) from None
         if tuple(images.shape[-2:]) != tuple(spec.input_size):
             raise DatasetError(f"{path}: images are {tuple(images.shape[-2:])}, {spec.name} takes {spec.input_size}")
         if images.shape[0] == 0:

@@ -15,8 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torchvision
+from torchvision.models import get_model_weights
 
-from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from dgh.models.loading import RANDOM_WEIGHTS, ModelLoadError, load_state_dict_file, load_state_dict_strict
+from dgh.models.registry import register_model
+from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec
 
 # lambda_out of the output distribution stretching loss, from the DGH paper code (method.md section 3);
 # other torchvision models get MCT's single default 1e-5 and must be swept.
@@ -26,14 +30,11 @@ _MCT_DEFAULT_OUTPUT_LOSS_WEIGHT = 1e-5
 
 def torchvision_names() -> list[str]:
     """All torchvision classification model names (``torchvision.models.list_models(module=torchvision.models)``)."""
-    import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _default_weights(name: str):  # noqa: ANN202 - a torchvision WeightsEnum member
-    from torchvision.models import get_model_weights
-
     return get_model_weights(name).DEFAULT
 
 
@@ -80,15 +81,6 @@ def build_torchvision(name: str, weights: str | None) -> tuple[torch.nn.Module, 
     Raises:
         ModelLoadError: DEFAULT weights not cached (offline), missing/invalid file, or keys that do not fit.
     """
-    import torchvision
-
-    from dgh.models.registry import (
-        RANDOM_WEIGHTS,
-        ModelLoadError,
-        _load_state_dict_file,
-        load_state_dict_strict,
-    )
-
     model = torchvision.models.get_model(name, weights=None)
     if weights == RANDOM_WEIGHTS:
         return model.eval(), None
@@ -100,7 +92,7 @@ def build_torchvision(name: str, weights: str | None) -> tuple[torch.nn.Module, 
                 f"{cached.parent}); offline, pass --weights PATH to a local state_dict (or --weights random)"
             )
         weights = str(cached)
-    state = _load_state_dict_file(Path(weights))
+    state = load_state_dict_file(Path(weights))
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -110,3 +102,13 @@ def build_torchvision(name: str, weights: str | None) -> tuple[torch.nn.Module, 
     state = {k.removeprefix("module."): v for k, v in state.items()}
     load_state_dict_strict(model, state, str(weights))
     return model.eval(), str(weights)
+
+
+def load_torchvision(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
+    """Registry loader: :func:`build_torchvision` with the spec of ``name`` (``imgsz`` unused)."""
+    model, path = build_torchvision(name, weights)
+    return LoadedModel(spec=torchvision_spec(name), model=model, weights=path)
+
+
+for _name in torchvision_names():
+    register_model(_name, torchvision_spec, load_torchvision)

@@ -9,7 +9,7 @@ Public API:
   ``write_quantization_report(qmodel, csv_path)``.
 - ``set_quant_state(qmodel, weights: bool, activations: bool)``.
 
-For reconstruction (AdaRound / BRECQ, engineer 4):
+For reconstruction (AdaRound / BRECQ, :mod:`dgh.quantization.reconstruction`):
 
 - Quantized layers (:class:`QuantConv2d`, :class:`QuantConv1d`, :class:`QuantLinear`, tuple
   :data:`QUANT_LAYER_TYPES`) are subclasses of the torch layers with
@@ -37,7 +37,6 @@ from dgh.quantization.api import (
     quantize_model,
     read_quantized_file,
     save_quantized,
-    set_quant_state,
     write_quantization_report,
 )
 from dgh.quantization.capture import (
@@ -55,6 +54,7 @@ from dgh.quantization.layers import (
     QuantLinear,
 )
 from dgh.quantization.quantizers import FakeQuantizer, QuantizerError, is_power_of_two
+from dgh.quantization.state import set_quant_state
 
 __all__ = [
     "QUANT_LAYER_TYPES",

@@ -59,7 +59,6 @@ counts do not include).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -144,6 +143,13 @@ class _Runtime:
         self.stack: list[_Frame] = []
         self.calls: dict[str, int] = {}
         self.pending: WeakIdKeyDictionary | None = None
+
+    def abort(self) -> None:
+        """Return to idle after a forward pass that was interrupted (an exception raised inside the model, e.g. by a
+        hook that stops the pass once it has what it needs): leave the site mode and drop the call stack."""
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+        self._reset()
 
     def __deepcopy__(self, memo):  # a copied model gets a fresh, idle runtime with the same phase
         new = _Runtime()
@@ -402,8 +408,3 @@ def discover_sites(
     sites.update(rt.sites)
     install_hooks(qmodel)
     return sites
-
-
-def copy_quantized(qmodel: QuantizedModel) -> QuantizedModel:
-    """A deep copy with its own runtime and hooks (hooks are bound to the copied runtime)."""
-    return copy.deepcopy(qmodel)
