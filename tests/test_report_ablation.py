@@ -71,3 +71,36 @@ def test_params_ablation_label_is_validated():
     assert ok.generate["s"].to_json_dict()["ablation"] == "2-all-stats"
     with pytest.raises(ParamsError, match="ablation"):
         parse_params({**base, "generate": {"s": {"model": "m", "method": "dgh", "ablation": "bad label!"}}})
+
+
+def test_report_renders_the_ablation_section_apart_from_the_main_table(tmp_path):
+    import json
+
+    from dgh.report import collect, render_markdown, table_markdown
+
+    exp = {"preset": "pot", "w_bits": 4, "a_bits": 8, "algorithm": "mse"}
+    gen = {"model": "m", "n_images": 4, "iterations": 1, "batch_size": 2}
+    data = {
+        "models": {"m": {"name": "resnet20_cifar10"}},
+        "generate": {
+            "real": {"model": "m", "method": "real", "data": "train", "n_images": 4},
+            "noise": {"model": "m", "method": "noise", "n_images": 4},
+            "a1": {**gen, "method": "batch-bns", "ablation": "1-batch-stats"},
+            "a4": {**gen, "method": "dgh", "ablation": "4-dgh"},
+        },
+        "imagenet": {"eval": {"m": {"data": "test"}},
+                     "experiments": {f"{s}-w4a8": {"model": "m", "calib": s, **exp} for s in ("real", "noise", "a1", "a4")}},
+    }
+    params = parse_params(data, tmp_path)
+    for item, v in {"m-float": 81.0, "real-w4a8": 78.0, "noise-w4a8": 70.0, "a1-w4a8": 76.5, "a4-w4a8": 78.25}.items():
+        d = tmp_path / "stages" / "evaluate_imagenet" / item
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"top1": v, "n_images": 100}))
+    cells = collect(params, tmp_path)
+    main = table_markdown(cells, "imagenet", "m")
+    assert "1-batch-stats" not in main and "4-dgh" not in main and "| real |" in main
+    md = render_markdown(params, cells)
+    section = md.split("## Ablation: m")[1]
+    assert "| 1-batch-stats | – | – | – | 76.50 |" in section and "| 4-dgh | ✓ | ✓ | ✓ | 78.25 |" in section
+    assert "| *real* | | | | 78.00 |" in section and "| *noise* | | | | 70.00 |" in section
+    assert "DGH − baseline +1.75" in section
