@@ -104,3 +104,18 @@ def test_report_renders_the_ablation_section_apart_from_the_main_table(tmp_path)
     assert "| 1-batch-stats | – | – | – | 76.50 |" in section and "| 4-dgh | ✓ | ✓ | ✓ | 78.25 |" in section
     assert "| *real* | | | | 78.00 |" in section and "| *noise* | | | | 70.00 |" in section
     assert "DGH − baseline +1.75" in section
+
+
+def test_mlflow_tags_carry_the_ablation_variant():
+    from dgh.pipeline.common import experiment_tags
+
+    exp = {"preset": "pot", "w_bits": 4, "a_bits": 8, "algorithm": "mse"}
+    params = parse_params({
+        "models": {"m": {"name": "resnet20_cifar10"}},
+        "generate": {"a": {"model": "m", "method": "dgh", "ablation": "dgh-minus-aug-mimicry", "flip": False},
+                     "d": {"model": "m", "method": "dgh"}},
+        "imagenet": {"eval": {"m": {"data": "test"}},
+                     "experiments": {"ea": {"model": "m", "calib": "a", **exp}, "ed": {"model": "m", "calib": "d", **exp}}},
+    })
+    assert experiment_tags(params, "ea", "quantize")["dgh.ablation"] == "dgh-minus-aug-mimicry"
+    assert "dgh.ablation" not in experiment_tags(params, "ed", "quantize")
