@@ -7,7 +7,7 @@ Layout (see the file itself for the defaults and ``README.md`` for how to edit i
     models:                         # registry name -> weights file and input size
       <model>: {weights: PATH, imgsz: INT|null}
     generate:                       # calibration sets, one per model x source; produced by the `generate` stage
-      <set-id>: {model, method: dgh|batch-bns|image-bns|noise|real, data, <any GenerationConfig field>}
+      <set-id>: {model, method: dgh|batch-bns|image-bns|noise|real, data, ablation, <any GenerationConfig field>}
     imagenet:                       # classification task (top-1 / top-5 in percent)
       eval: {<model>: {data: IMAGEFOLDER, limit, batch_size}}       # float baseline evaluated once per model
       experiments: {<exp-id>: {model, calib: <set-id>, <any QuantConfig field: preset, w_bits, a_bits, ...>}}
@@ -88,12 +88,15 @@ class GenerateEntry(_Strict):
             statistics; ``noise`` draws N(0,1) pixels), or ``real``: ``n_images`` real images from ``data``
             (class-balanced, deterministic in ``seed``; no other field applies).
         data: ``real`` only: the ImageFolder or image folder to draw from (asset-relative or absolute).
+        ablation: the ablation variant this set is a row of (e.g. ``1-batch-stats``; MLflow tag ``dgh.ablation``).
+            Experiments calibrated on such a set appear in the report's ablation table, not in the main table.
         config: the validated generation config (for ``real``/``noise`` only ``n_images`` and ``seed`` are used).
     """
 
     model: str
     method: Method | Literal["real"]
     data: str | None = None
+    ablation: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     config: GenerationConfig
 
     @model_validator(mode="before")
@@ -101,7 +104,7 @@ class GenerateEntry(_Strict):
     def _embed_config(cls, data: Any) -> Any:
         if not isinstance(data, dict) or "config" in data:
             return data
-        own = {k: data[k] for k in ("model", "method", "data") if k in data}
+        own = {k: data[k] for k in ("model", "method", "data", "ablation") if k in data}
         knobs = {k: v for k, v in data.items() if k not in own}
         method = own.get("method")
         if method is None:
@@ -145,6 +148,8 @@ class GenerateEntry(_Strict):
         out = {"model": self.model, "method": self.source, **cfg}
         if self.data:
             out["data"] = self.data
+        if self.ablation:
+            out["ablation"] = self.ablation
         return out
 
 

@@ -32,6 +32,7 @@ from dgh.io import atomic_write, load_images, write_json, write_text
 from dgh.layout import StageLayout, float_id
 from dgh.models import get_spec
 from dgh.params import REAL, Params
+from dgh.report_ablation import AblationRow, ablation_claim, ablation_markdown, detection_claim, fixes_of
 from dgh.stats.outputs import STATS_DIR, STATS_FILE, StatsFile, read_stats, stats_table_markdown
 from dgh.tracking import git_commit
 
@@ -54,6 +55,7 @@ class Cell:
     value: float | None
     delta: float | None
     metrics: dict[str, Any]
+    ablation: str | None = None  # the calibration set's ablation variant; such cells go to the ablation table
 
 
 def _read_metrics(path: Path) -> dict[str, Any] | None:
@@ -88,17 +90,21 @@ def collect(params: Params, root: Path) -> list[Cell]:
             # a source with several calibration sets for this model gets the set id in its row label
             sets_per_source: dict[str, set[str]] = {}
             for e in section.experiments.values():
-                if e.model == model:
+                if e.model == model and not params.generate[e.calib].ablation:
                     sets_per_source.setdefault(params.generate[e.calib].source, set()).add(e.calib)
             for eid, e in section.experiments.items():
                 if e.model != model:
                     continue
                 src = params.generate[e.calib].source
-                row = src if len(sets_per_source[src]) == 1 else f"{src} ({e.calib})"
+                ablation = params.generate[e.calib].ablation
+                if ablation:
+                    row = ablation
+                else:
+                    row = src if len(sets_per_source[src]) == 1 else f"{src} ({e.calib})"
                 m = _read_metrics(layout.metrics_file(task, eid))
                 val = _finite(m.get(key)) if m else None
                 delta = val - fval if (val is not None and fval is not None) else None
-                cells.append(Cell(task, model, eid, row, e.setting, val, delta, m or {}))
+                cells.append(Cell(task, model, eid, row, e.setting, val, delta, m or {}, ablation))
     return cells
 
 
@@ -124,8 +130,9 @@ def _backend_mark(cell: Cell) -> str:
 
 
 def table_markdown(cells: list[Cell], task: str, model: str) -> str:
-    """The markdown table of one task and model (rows: sources; columns: settings; float row repeated)."""
-    mine = [c for c in cells if c.task == task and c.model == model]
+    """The markdown table of one task and model (rows: sources; columns: settings; float row repeated).
+    Cells of ablation sets are left out (they form :func:`ablation_markdown`)."""
+    mine = [c for c in cells if c.task == task and c.model == model and c.ablation is None]
     settings = list(dict.fromkeys(c.setting for c in mine if c.setting != "float"))
     rows = sorted({c.row for c in mine}, key=_row_sort_key)
     digits = PRIMARY[task][2]
@@ -145,7 +152,7 @@ def table_markdown(cells: list[Cell], task: str, model: str) -> str:
 
 def dgh_comparison_markdown(cells: list[Cell], task: str, model: str) -> str:
     """Per setting: the ``dgh`` cell minus float, real and noise (same units as the table); empty if no dgh row."""
-    mine = [c for c in cells if c.task == task and c.model == model]
+    mine = [c for c in cells if c.task == task and c.model == model and c.ablation is None]
     settings = [s for s in dict.fromkeys(c.setting for c in mine if c.row == "dgh")]
     if not settings:
         return ""
@@ -189,6 +196,54 @@ def read_set_stats(params: Params, root: Path, model: str) -> dict[str, StatsFil
     return dict(sorted(out.items(), key=lambda kv: _row_sort_key(kv[1].stats.source)))
 
 
+def detection_sentence(cells: list[Cell], model: str) -> str:
+    """The claim sentence under a detection table (:func:`dgh.report_ablation.detection_claim`)."""
+    mine = [c for c in cells if c.task == "coco" and c.model == model and c.ablation is None]
+    settings = list(dict.fromkeys(c.setting for c in mine if c.setting != "float"))
+    values: dict[str, dict[str, float | None]] = {}
+    for c in mine:
+        values.setdefault(c.row, {})[c.setting] = c.value
+    return detection_claim(values, settings)
+
+
+def ablation_sections(params: Params, cells: list[Cell]) -> list[str]:
+    """Markdown lines of the "Ablation" section: per (task, model) with ablation sets, the table of
+    :func:`dgh.report_ablation.ablation_markdown` (rows in ``params.yaml`` order, float/real/noise of the main table
+    as references), its claim sentence and the sets' budgets. Empty when no set has an ``ablation`` label."""
+    out: list[str] = []
+    for task in ("imagenet", "coco"):
+        section = getattr(params, task)
+        for model in section.eval:
+            mine = [c for c in cells if c.task == task and c.model == model]
+            ab = [c for c in mine if c.ablation is not None]
+            if not ab:
+                continue
+            key, label, digits, _ = PRIMARY[task]
+            settings = list(dict.fromkeys(c.setting for c in ab))
+            sets = list(dict.fromkeys(params.experiment(c.experiment).calib for c in ab))
+            rows = []
+            for sid in sets:
+                g = params.generate[sid]
+                vals = {c.setting: c.value for c in ab if params.experiment(c.experiment).calib == sid}
+                rows.append(AblationRow(g.ablation or sid, fixes_of(g.config), vals))
+            refs = []
+            for src in ("float", "real", "noise"):
+                vals = {s: next((c.value for c in mine if c.ablation is None and c.row == src
+                                 and (c.setting == s or src == "float")), None) for s in settings}
+                if any(v is not None for v in vals.values()):
+                    refs.append((src, vals))
+            out += [f"## Ablation: {model}, {label}", "",
+                    "DGH's three fixes switched on one at a time from batch-wise BN matching (GENIE/DeepInversion), "
+                    "and removed one at a time from DGH, all at the same generation budget; ✓ = on, read from each "
+                    "set's generation config.", "",
+                    ablation_markdown(rows, refs, settings, digits), "",
+                    ablation_claim(rows, settings[0], digits, label), ""]
+            for sid in sets:
+                out.append(f"- `{sid}` ({params.generate[sid].ablation}): {_set_description(params, sid)}")
+            out.append("")
+    return out
+
+
 def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
                     set_stats: dict[str, dict[str, StatsFile]] | None = None) -> str:
     """The whole of ``results.md``; ``set_stats`` (``{model: {set id: stats.json}}``) adds a calibration-set
@@ -222,7 +277,10 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
             comparison = dgh_comparison_markdown(cells, task, model)
             if comparison:
                 out += ["DGH against the other calibration sources (positive = DGH higher):", "", comparison, ""]
-            used = list(dict.fromkeys(e.calib for e in section.experiments.values() if e.model == model))
+            if task == "coco":
+                out += [detection_sentence(cells, model), ""]
+            used = list(dict.fromkeys(e.calib for e in section.experiments.values()
+                                      if e.model == model and not params.generate[e.calib].ablation))
             for sid in used:
                 out.append(f"- `{sid}` ({params.generate[sid].source}): {_set_description(params, sid)}")
             out.append("")
@@ -231,6 +289,7 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
                 out += [f"Calibration-set statistics of {model} (stage `stats`, `stages/stats/{model}/`; L_BN as in "
                         "method.md section 3 on the whole set; pixels within half an 8-bit level of 0 or 1; output "
                         "range = max - min of one image's output):", "", table, ""]
+    out += ablation_sections(params, cells)
     out += ["## Figures", "", "![accuracy by calibration source](accuracy.png)", "",
             "![generated calibration images next to real images](calibration_images.png)", ""]
     return "\n".join(out)
@@ -238,6 +297,7 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
 
 def plot_accuracy(cells: list[Cell]) -> bytes:
     """PNG bytes: one panel per (task, model), grouped bars per setting, one bar per source, float dashed."""
+    cells = [c for c in cells if c.ablation is None]
     panels = list(dict.fromkeys((c.task, c.model) for c in cells))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.2), squeeze=False)
     for ax, (task, model) in zip(axes[0], panels):

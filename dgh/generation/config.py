@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dgh.errors import first_line
+from dgh.models.spec import IMAGENET_STD
 
 
 class GenerationConfigError(ValueError):
@@ -76,6 +77,49 @@ class AugmentDraw(str, Enum):
     IMAGE = "image"
 
 
+class LrUnits(str, Enum):
+    """In which units ``lr`` (and ``min_lr``) are given.
+
+    ``pixel-range`` (default): relative to the width of the valid pixel range, with the paper's models as the
+    reference. The paper's lr 16 is a step in the normalized space of ImageNet-normalized models, whose pixel range
+    [0, 1] spans ``mean_c(1 / IMAGENET_STD_c)`` = 4.43 normalized units, so one unit of ``lr`` moves a pixel by 1/4.43
+    of its range.
+    For a model with another normalization the step is rescaled so that it is the same fraction of that model's
+    pixel range: ``lr_eff = lr * mean_c(1 / std_c) / mean_c(1 / IMAGENET_STD_c)`` (:func:`effective_lr`). The factor
+    is exactly 1 for ImageNet-normalized models (torchvision, the CIFAR ResNets), 0.226 for YOLO (pixels in [0, 1]
+    as is: lr 16 becomes 3.6) and 0.45 for ``(x - 127) / 128`` models (lr 7.2).
+    ``normalized``: ``lr`` is used as is in the model's normalized input space (the paper code's literal setting;
+    for YOLO that step is 16 times the whole pixel range and every pixel saturates at a clamp bound within a few
+    iterations).
+    """
+
+    PIXEL_RANGE = "pixel-range"
+    NORMALIZED = "normalized"
+
+
+def effective_lr(lr: float, std: tuple[float, ...], units: LrUnits) -> float:
+    """The optimizer's learning rate in the model's normalized input space for ``lr`` given in ``units``.
+
+    Args:
+        lr: learning rate as configured.
+        std: the model's per-channel normalization std (0-1 pixel units), e.g. ``ModelSpec.std``.
+        units: see :class:`LrUnits`.
+
+    Returns:
+        ``lr`` for ``normalized``; ``lr * mean(1/std) / mean(1/IMAGENET_STD)`` for ``pixel-range``.
+
+    Raises:
+        GenerationConfigError: a std is not positive.
+    """
+    if units is LrUnits.NORMALIZED:
+        return float(lr)
+    if not std or min(std) <= 0:
+        raise GenerationConfigError(f"normalization std must be positive to scale the learning rate, got {tuple(std)}")
+    width = sum(1.0 / s for s in std) / len(std)
+    reference = sum(1.0 / s for s in IMAGENET_STD) / len(IMAGENET_STD)
+    return float(lr) * width / reference
+
+
 class Speed(str, Enum):
     """``exact``: the algorithm of method.md as written, fp32 on CPU, contiguous tensors. ``fast``: the same
     algorithm with channels-last memory format and, with ``amp=auto``, bf16 autocast of the model forward on CPUs
@@ -104,7 +148,8 @@ class GenerationConfig(BaseModel):
         iterations: n_iter; one iteration = one pass over all batches in a fresh random order.
         batch_size: n, a memory knob; the last batch may be smaller (batches are weighted by size).
         seed: seeds the initialization, batch order and augmentation draws.
-        lr: RAdam learning rate (paper: 16), in normalized-pixel units per step.
+        lr: RAdam learning rate (paper: 16), in the units ``lr_units`` names.
+        lr_units: see :class:`LrUnits` (default: relative to the pixel range, ImageNet normalization as reference).
         statistics: see :class:`Statistics`.
         lambda_sigma: weight of the std term in L_BN (paper 10, MCT 1).
         bn_std_eps: target std is ``sqrt(running_var + bn_std_eps)``; also added to the generated variance
@@ -119,7 +164,8 @@ class GenerationConfig(BaseModel):
         smoothing_sigma: sigma of the 3x3 Gaussian kernel (paper 1.25).
         augment_draw: see :class:`AugmentDraw`.
         lr_schedule: reduce-on-plateau-with-reset per batch (method.md section 4); off = constant lr.
-        plateau_factor, plateau_threshold, min_lr: scheduler settings (0.5, relative 1e-4, 1e-4).
+        plateau_factor, plateau_threshold, min_lr: scheduler settings (0.5, relative 1e-4, 1e-4); ``min_lr`` is in
+            the units of ``lr``.
         plateau_patience: bad iterations tolerated before a reduction; ``None`` = max(1, iterations // 50).
         speed: see :class:`Speed`.
         lazy_refresh: skip the no-grad refresh forward after each step (method.md section 1); the batch's cache entry
@@ -138,6 +184,7 @@ class GenerationConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     lr: float = Field(16.0, gt=0)
+    lr_units: LrUnits = LrUnits.PIXEL_RANGE
     statistics: Statistics = Statistics.ALL
     lambda_sigma: float = Field(10.0, ge=0)
     bn_std_eps: float = Field(1e-6, ge=0)

@@ -37,6 +37,7 @@ from dgh.generation.config import (
     OutputLoss,
     Speed,
     Statistics,
+    effective_lr,
 )
 from dgh.generation.losses import (
     bn_alignment_loss,
@@ -160,6 +161,8 @@ def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
     d["output_loss_weight"] = (
         spec.output_loss_weight if config.output_loss_weight is None else config.output_loss_weight
     )
+    d["lr_effective"] = effective_lr(config.lr, spec.std, config.lr_units)
+    d["min_lr_effective"] = effective_lr(config.min_lr, spec.std, config.lr_units)
     d["plateau_patience"] = (
         max(1, config.iterations // 50) if config.plateau_patience is None else config.plateau_patience
     )
@@ -301,11 +304,10 @@ class _Run:
 
     def _build_optimizers(self, state: _State) -> None:
         cfg = self.config
-        state.optimizers = [torch.optim.RAdam([c], lr=cfg.lr) for c in state.canvases]
+        lr, min_lr = self.settings["lr_effective"], self.settings["min_lr_effective"]  # LrUnits
+        state.optimizers = [torch.optim.RAdam([c], lr=lr) for c in state.canvases]
         state.schedulers = [
-            ReduceOnPlateauWithReset(
-                opt, cfg.plateau_factor, self.settings["plateau_patience"], cfg.plateau_threshold, cfg.min_lr
-            )
+            ReduceOnPlateauWithReset(opt, cfg.plateau_factor, self.settings["plateau_patience"], cfg.plateau_threshold, min_lr)
             if cfg.lr_schedule
             else None
             for opt in state.optimizers

@@ -97,7 +97,9 @@ def mlflow_run(tracker: Tracker | None, experiment: str, key: str, *, fresh: boo
 def experiment_tags(params: Params, experiment_id: str, stage: str) -> dict[str, str]:
     """The MLflow tags of an experiment run (what the compare view groups by)."""
     e = params.experiment(experiment_id)
+    ablation = params.generation(e.calib).ablation
     return {
+        **({"dgh.ablation": ablation} if ablation else {}),
         TAG_KIND: "experiment",
         "dgh.task": params.task_of(experiment_id),
         "dgh.model": e.model,

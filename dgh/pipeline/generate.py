@@ -37,7 +37,8 @@ def run_generate(project: Project, set_id: str) -> Path:
         return out_dir
     loaded = project.load_model(g.model)
     tracker = project.tracker()
-    tags = {TAG_KIND: "generation", "dgh.model": g.model, "dgh.calib": g.source, "dgh.stage": "generate"}
+    tags = {TAG_KIND: "generation", "dgh.model": g.model, "dgh.calib": g.source, "dgh.stage": "generate",
+            **({"dgh.ablation": g.ablation} if g.ablation else {})}
     with mlflow_run(tracker, g.model, f"generate/{set_id}", fresh=True, tags=tags,
                     params={"generate": g.config.model_dump(mode="json")}) as run_id:
         logger = StepLogger(tracker, run_id, every=25)
