@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dgh.models import load_model
-from dgh.quantization import QuantConfig, quantize_model
+from dgh.quantization import QuantConfig, load_quantized, quantize_model, save_quantized
 from dgh.quantization.lean import (
     LeanQuantizedModel,
     compile_pays_off,
@@ -16,6 +16,7 @@ from dgh.quantization.lean import (
     lean_forward_model,
 )
 from dgh.quantization.quantizers import fake_quantize
+from dgh.runs.evaluate import model_to_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,3 +140,15 @@ def test_compile_pays_off_only_for_large_cpu_evaluations() -> None:
     assert compile_pays_off(50_000, (224, 224))  # ImageNet validation
     assert compile_pays_off(5_000, (640, 640))  # COCO val2017
     assert compile_pays_off(10, (32, 32), "cuda")
+
+
+def test_evaluation_loads_a_saved_model_behind_the_lean_forward(resnet20, tmp_path) -> None:
+    g = torch.Generator().manual_seed(6)
+    qmodel = quantize_model(resnet20, torch.randn(4, 3, 32, 32, generator=g), QuantConfig(preset="pot"),
+                            device="cpu", progress=False)
+    save_quantized(qmodel, tmp_path / "quantized.pt")
+    net = model_to_evaluate(resnet20, tmp_path)
+    assert isinstance(net, LeanQuantizedModel)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(_bits(net(x)), _bits(load_quantized(resnet20, tmp_path / "quantized.pt")(x)))
