@@ -29,16 +29,19 @@ import yaml
 from pydantic import ValidationError
 
 from dgh.data import load_calibration_set
-from dgh.env import configure_offline
+from dgh.data.classification import ClassLayout
+from dgh.env import configure_offline, resolve_device
 from dgh.errors import validation_error_line
 from dgh.generation import GenerationConfig, Method
-from dgh.models import list_models, load_model
+from dgh.models import get_spec, list_models, load_model
 from dgh.params import ParamsError, check_paths, load_params
 from dgh.pipeline.common import Project, open_project
 from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
 from dgh.pipeline.generate import run_generate
 from dgh.pipeline.quantize import run_quantize
 from dgh.pipeline.report import run_report
+from dgh.preflight import PreflightError, check_output_dir, merge_settings, output_lock
+from dgh.project_check import check_project
 from dgh.quantization import QuantConfig
 from dgh.runs.evaluate import ClassificationData, DetectionData, evaluate_to_file
 from dgh.runs.generate import generate_to_dir
@@ -128,6 +131,26 @@ SET_OPT = typer.Option(
 )
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device string before any work (``banana``, ``gpu0``, CUDA on a machine without it)."""
+    resolve_device(None if device in ("", "auto") else device)
+
+
+def _check_metrics_out(path: Path) -> None:
+    """The metrics file's folder is writable and the path is not a folder, before the evaluation runs."""
+    if path.is_dir():
+        raise PreflightError(f"--metrics-out {path} is a folder; pass a file path (metrics.json)")
+    check_output_dir(path.parent, option="--metrics-out")
+
+
+def _generation_bytes(config: GenerationConfig, spec) -> int:  # noqa: ANN001 - dgh.models.ModelSpec
+    """What a generation run writes, in bytes: ``images.pt`` (float32 N x 3 x H x W) and its resume checkpoint
+    (the N canvases of (H+p) x (W+p) and RAdam's two moment buffers of the same size)."""
+    h, w = spec.input_size
+    pad = spec.pad if config.canvas_pad is None else config.canvas_pad
+    return config.n_images * 3 * 4 * (h * w + 3 * (h + pad) * (w + pad))
+
+
 @app.command("models")
 @friendly
 def models_cmd() -> None:
@@ -174,16 +197,19 @@ def generate_cmd(
     Every option is the dgh.generation.GenerationConfig field of the same name (the key in params.yaml); options
     left unset keep the method preset's value.
     """
-    fields = parse_set(set_)
-    fields.update(
-        n_images=n_images, iterations=iterations, batch_size=batch_size, seed=seed, lr=lr, lambda_sigma=lambda_sigma,
-        output_loss=output_loss, output_loss_weight=output_loss_weight, statistics=statistics,
-        canvas_pad=canvas_pad, flip=flip, smoothing=smoothing, random_crop=random_crop, clamp=clamp,
-        augment_draw=augment_draw, speed=speed, amp=amp,
-    )
-    config = GenerationConfig.for_method(method, **fields)
-    loaded = load_model(model, str(weights) if weights else None, imgsz)
-    result = generate_to_dir(loaded, config, out, device=device, progress=progress, resume=resume)
+    fields = merge_settings(parse_set(set_), dict(
+        method=Method(method).value, n_images=n_images, iterations=iterations, batch_size=batch_size, seed=seed,
+        lr=lr, lambda_sigma=lambda_sigma, output_loss=output_loss, output_loss_weight=output_loss_weight,
+        statistics=statistics, canvas_pad=canvas_pad, flip=flip, smoothing=smoothing, random_crop=random_crop,
+        clamp=clamp, augment_draw=augment_draw, speed=speed, amp=amp,
+    ))
+    config = GenerationConfig.for_method(fields.pop("method"), **fields)
+    _check_device(device)
+    spec = get_spec(model, imgsz)
+    check_output_dir(out, need_bytes=_generation_bytes(config, spec))
+    with output_lock(out):
+        loaded = load_model(model, str(weights) if weights else None, imgsz)
+        result = generate_to_dir(loaded, config, out, device=device, progress=progress, resume=resume)
     terms = ", ".join(f"{k}={v:.4g}" for k, v in result.loss_terms.items())
     typer.echo(f"wrote {out}/images.pt {tuple(result.images_nchw.shape)}; final {terms}")
 
@@ -211,14 +237,15 @@ def quantize_cmd(
     --preset, --w-bits, --a-bits, --algorithm and --set KEY=VALUE are the dgh.quantization.QuantConfig fields of
     the same names (the keys of a params.yaml experiment).
     """
-    fields = parse_set(set_)
     given = {"preset": preset, "w_bits": w_bits, "a_bits": a_bits, "algorithm": algorithm}
-    fields.update({k: v for k, v in given.items() if v is not None})
-    config = QuantConfig(**fields)
-    loaded = load_model(model, str(weights) if weights else None, imgsz)
-    images = load_calibration_set(calib, loaded, n_images=n_calib, seed=calib_seed)
-    meta = {"model": model, "weights": str(weights) if weights else None, "calib": calib}
-    quantize_to_dir(loaded, images, config, out, meta=meta, device=device, progress=progress)
+    config = QuantConfig(**merge_settings(parse_set(set_), given))
+    _check_device(device)
+    check_output_dir(out)
+    with output_lock(out):
+        loaded = load_model(model, str(weights) if weights else None, imgsz)
+        images = load_calibration_set(calib, loaded, n_images=n_calib, seed=calib_seed)
+        meta = {"model": model, "weights": str(weights) if weights else None, "calib": calib}
+        quantize_to_dir(loaded, images, config, out, meta=meta, device=device, progress=progress)
     typer.echo(f"wrote {out}/quantized.pt ({images.shape[0]} calibration images, "
                f"W{config.w_bits}A{config.a_bits} {config.preset.value} {config.algorithm.value})")
 
@@ -232,7 +259,8 @@ def evaluate_imagenet_cmd(
     model: str = MODEL_OPT,
     weights: Optional[Path] = WEIGHTS_OPT,
     quantized: Optional[Path] = QUANTIZED_OPT,
-    data: Path = typer.Option(..., "--data", help="ImageFolder (ImageNet val layout: one sub-folder per class, sorted = class index)."),
+    data: Path = typer.Option(..., "--data", help="ImageFolder (ImageNet val layout): one sub-folder per class, named by the model's class names (ImageNet wnids, CIFAR-10 names)."),
+    class_layout: ClassLayout = typer.Option(ClassLayout.NAMES, "--class-layout", help="names: class folders are the model's class names; numbered: folders 0..C-1 are class indices."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only this many images (deterministic subset). Default: all."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     metrics_out: Path = typer.Option(..., "--metrics-out", help="JSON file: top1, top5 (percent), n_images."),
@@ -240,9 +268,11 @@ def evaluate_imagenet_cmd(
     progress: bool = PROGRESS_OPT,
 ) -> None:
     """Top-1 / top-5 accuracy (percent) of the float or quantized classifier on an ImageFolder."""
+    _check_device(device)
+    _check_metrics_out(metrics_out)
     loaded = load_model(model, str(weights) if weights else None, None)
-    metrics = evaluate_to_file(loaded, ClassificationData(data, limit, batch_size), metrics_out, quantized=quantized,
-                               device=device, progress=progress)
+    metrics = evaluate_to_file(loaded, ClassificationData(data, limit, batch_size, ClassLayout(class_layout)),
+                               metrics_out, quantized=quantized, device=device, progress=progress)
     typer.echo(json.dumps(metrics))
 
 
@@ -263,6 +293,8 @@ def evaluate_coco_cmd(
 ) -> None:
     """COCO mAP (pycocotools) of the float or quantized detector; letterboxed input, decoding and NMS in float."""
     data = DetectionData(images, labels=labels, annotations=annotations, imgsz=imgsz, batch_size=batch_size)
+    _check_device(device)
+    _check_metrics_out(metrics_out)
     loaded = load_model(model, str(weights) if weights else None, imgsz)
     metrics = evaluate_to_file(loaded, data, metrics_out, quantized=quantized, device=device, progress=progress)
     typer.echo(json.dumps(metrics))
@@ -282,13 +314,15 @@ def report_cmd(params: Path = PARAMS_OPT) -> None:
 @app.command("check")
 @friendly
 def check_cmd(params: Path = PARAMS_OPT) -> None:
-    """Validate params.yaml and check that every data and weights path it names exists."""
+    """Validate params.yaml: every path it names exists, and every entry builds what its stage builds (model spec
+    at its imgsz, device, generation and quantization configs, class folders, detection ground truth)."""
     p = load_params(params)
-    problems = check_paths(p)
-    for line in problems:
+    problems = check_paths(p) + check_project(p)
+    for line in problems[1:]:
         typer.echo(line, err=True)
     if problems:
-        raise ParamsError(f"{len(problems)} missing path(s) in {params}; see above")
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise ParamsError(f"{params}: {problems[0]}{more}")
     n_exp = len(p.experiment_ids())
     typer.echo(f"{params}: ok ({len(p.models)} models, {len(p.generate)} calibration sets, {n_exp} experiments; "
                f"assets at {p.assets_root})")

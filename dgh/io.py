@@ -108,5 +108,8 @@ def load_images(path: str | os.PathLike) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not an images file"
         raise ImagesFileError(f"{path} is not a loadable images tensor file ({type(exc).__name__})") from None
     if not isinstance(obj, torch.Tensor) or obj.ndim != 4 or obj.shape[1] != 3 or not obj.is_floating_point():
-        raise ImagesFileError(f"{path} does not hold an (N, 3, H, W) float images tensor")
+        what = (f"a {str(obj.dtype).removeprefix('torch.')} tensor of shape {tuple(obj.shape)}"
+                if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}")
+        raise ImagesFileError(f"{path} holds {what}, not an (N, 3, H, W) float images tensor in the model's "
+                              "normalized space")
     return obj.float()

@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from dgh.data.classification import ClassLayout
 from dgh.errors import validation_error_line
 from dgh.generation.config import GenerationConfig, Method
 from dgh.quantization.config import QuantConfig
@@ -175,6 +176,7 @@ class ImagenetData(_Strict):
     data: str
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
+    class_layout: ClassLayout = ClassLayout.NAMES  # names: folders are class names; numbered: folders 0..C-1
 
 
 class CocoData(_Strict):

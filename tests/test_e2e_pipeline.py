@@ -166,7 +166,7 @@ def test_mlflow_runs_hold_real_values(project):
 def _status(root: Path, env: dict) -> dict:
     """`dvc status --json` without the `inputs` stage (always changed: it re-hashes the assets on every repro)."""
     status = json.loads(run(["dvc", "status", "--json"], root, env).stdout or "{}")
-    assert status.pop("inputs", ["always changed"]) == ["always changed"]
+    assert "always changed" in status.pop("inputs", ["always changed"])
     return status
 
 

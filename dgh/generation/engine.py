@@ -405,6 +405,18 @@ class _Run:
         return state
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of a generation checkpoint, or a one-line :class:`GenerationError`."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated zip raises OSError/RuntimeError, a foreign pickle others
+        raise GenerationError(f"{path} cannot be read ({first_line(exc, 80)}); it is truncated or not a checkpoint: "
+                              "delete it or run without --resume") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("settings"), dict):
+        raise GenerationError(f"{path} is not a dgh generation checkpoint; delete it or run without --resume")
+    return ckpt
+
+
 def generate_images(
     loaded: LoadedModel,
     config: GenerationConfig,
@@ -463,7 +475,7 @@ def generate_images(
             run.check_input_and_find_last_bns()
             state = None
             if resume and ckpt_path is not None and ckpt_path.is_file():
-                state = run.load_state(torch.load(ckpt_path, map_location="cpu", weights_only=True), ckpt_path)
+                state = run.load_state(_read_checkpoint(ckpt_path), ckpt_path)
             if state is None:
                 state = run.new_state()
             elapsed_before = state.elapsed_s

@@ -93,12 +93,18 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
     return CifarResNet(CIFAR_DEPTHS[depth], num_classes)
 
 
-def convert_akamaster_state_dict(state: dict) -> dict[str, torch.Tensor]:
+def convert_akamaster_state_dict(state: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Turn an akamaster checkpoint (``{"state_dict": {"module.conv1.weight": ...}}``) into plain keys.
 
     Accepts the wrapped dict or a bare state_dict, with or without the ``module.`` prefix.
+
+    Raises:
+        ValueError: ``state`` (read from ``source``) is not a dict of tensors (a list, a bare tensor ...).
     """
     sd = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "dict with non-tensor values"
+        raise ValueError(f"{source} holds a {what}, not a state_dict of tensors; pass an akamaster .th checkpoint")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -131,7 +137,7 @@ def load_cifar(name: str, weights: str | None, imgsz: int | None) -> LoadedModel
             "(or --weights random for random weights)"
         )
     if weights != RANDOM_WEIGHTS:
-        sd = convert_akamaster_state_dict(load_state_dict_file(Path(weights)))
+        sd = convert_akamaster_state_dict(load_state_dict_file(Path(weights)), str(weights))
         load_state_dict_strict(model, sd, str(weights))
     return LoadedModel(spec=spec, model=model.eval(), weights=weights)
 

@@ -6,6 +6,12 @@
   ``--weights PATH``.
 - ``weights="random"``: random initialization (tests, smoke runs).
 
+Class names: every torchvision classifier is an ImageNet-1k model whose ``weights.meta["categories"]`` are human
+names in class-index order, and that order is the sorted-wnid order. The spec's ``class_names`` are the wnids
+(:func:`dgh.models.spec.imagenet_wnids`), the folder names of the standard ImageNet-val layout; the human names are
+not used to match folders: they are not unique in the synset lemmas they come from (two classes are "crane", two
+"maillot"; torchvision renames them "crane bird" and "maillot tank suit"), so they have no standard spelling.
+
 Preprocessing follows the ``DEFAULT`` weights' ``ImageClassification`` transform (resize the shorter side to
 ``resize_size``, center-crop ``crop_size``, ImageNet mean/std): Resize(256) + CenterCrop(224) for most models.
 """
@@ -20,7 +26,7 @@ from torchvision.models import get_model_weights
 
 from dgh.models.loading import RANDOM_WEIGHTS, ModelLoadError, load_state_dict_file, load_state_dict_strict
 from dgh.models.registry import register_model
-from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec
+from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec, imagenet_wnids
 
 # lambda_out of the output distribution stretching loss, from the DGH paper code (method.md section 3);
 # other torchvision models get MCT's single default 1e-5 and must be swept.
@@ -55,6 +61,7 @@ def torchvision_spec(name: str) -> ModelSpec:
     resize = int(kw.get("resize_size", 256))
     interp = kw.get("interpolation")
     categories = tuple(w.meta.get("categories") or ())
+    wnids = imagenet_wnids() if len(categories) == 1000 else ()
     return ModelSpec(
         name=name,
         family="torchvision",
@@ -65,7 +72,7 @@ def torchvision_spec(name: str) -> ModelSpec:
         pad=32,
         output_loss_weight=_OUTPUT_LOSS_WEIGHT.get(name, _MCT_DEFAULT_OUTPUT_LOSS_WEIGHT),
         num_classes=len(categories) or 1000,
-        class_names=categories,
+        class_names=wnids,
         resize_size=resize,
         interpolation=getattr(interp, "value", "bilinear") if interp is not None else "bilinear",
         default_weights=f"torchvision DEFAULT {w} (download; offline pass --weights PATH)",

@@ -27,7 +27,7 @@ def eval_data(project: Project, task: str, model_key: str) -> ClassificationData
     d = section.eval[model_key]
     if task == "imagenet":
         return ClassificationData(params.require(d.data, f"imagenet.eval.{model_key}.data", "ImageFolder"),
-                                  d.limit, d.batch_size)
+                                  d.limit, d.batch_size, d.class_layout)
     return DetectionData(
         images=params.require(d.images, f"coco.eval.{model_key}.images", "image folder"),
         labels=params.require(d.labels, f"coco.eval.{model_key}.labels", "YOLO label folder"),

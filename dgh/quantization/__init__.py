@@ -11,9 +11,11 @@ Public API:
 
 For reconstruction (AdaRound / BRECQ, :mod:`dgh.quantization.reconstruction`):
 
-- Quantized layers (:class:`QuantConv2d`, :class:`QuantConv1d`, :class:`QuantLinear`, tuple
-  :data:`QUANT_LAYER_TYPES`) are subclasses of the torch layers with
-  ``.weight_quantizer`` (:class:`FakeQuantizer`, per-channel axis 0: ``.scale`` ``(C_out,)``, ``.zero_point``,
+- Quantized layers (:class:`QuantConv2d`, :class:`QuantConv1d`, :class:`QuantLinear`,
+  :class:`QuantConvTranspose2d`, :class:`QuantConvTranspose1d`, generated ``Quant<Name>`` classes for conv
+  subclasses with their own forward; tuple :data:`QUANT_LAYER_TYPES`) are subclasses of the torch layers with
+  ``.weight_quantizer`` (:class:`FakeQuantizer`, per output channel: axis 0, axis 1 for transposed convs, see
+  ``.weight_out_channels_first()``; ``.scale`` ``(C_out,)``, ``.zero_point``,
   ``.qmin``, ``.qmax``, ``.channel_axis``, ``.to_integer_domain(w) = w / s`` broadcast),
   ``.weight_rounding`` (``None`` = round to nearest; set a module/callable ``v -> rounded v`` of ``v = w / s`` to
   substitute AdaRound's ``floor(v) + h(V)``; zero point, clamp and rescale are applied by the quantizer),
@@ -45,6 +47,7 @@ from dgh.quantization.capture import (
     CaptureError,
     QuantizedModel,
     build_quantized_model,
+    check_supported_modules,
     iter_quantizers,
 )
 from dgh.quantization.config import Algorithm, Preset, QuantConfig, QuantConfigError
@@ -54,6 +57,8 @@ from dgh.quantization.layers import (
     QUANT_LAYER_TYPES,
     QuantConv1d,
     QuantConv2d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
     QuantLinear,
 )
 from dgh.quantization.quantizers import FakeQuantizer, QuantizerError, is_power_of_two
@@ -73,12 +78,15 @@ __all__ = [
     "QuantConfigError",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
     "QuantLinear",
     "QuantizedFileError",
     "QuantizedModel",
     "QuantizerError",
     "bake_weight_rounding",
     "build_quantized_model",
+    "check_supported_modules",
     "fold_batch_norms",
     "is_power_of_two",
     "iter_quantizers",

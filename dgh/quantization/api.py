@@ -1,5 +1,5 @@
 """Public entry points: :func:`quantize_model`, :func:`save_quantized`, :func:`load_quantized`,
-:func:`write_quantization_report`, :func:`set_quant_state` (from :mod:`dgh.quantization.state`).
+:func:`write_quantization_report` (:func:`set_quant_state` lives in :mod:`dgh.quantization.state`).
 
 Calibration (post-training, no labels):
 
@@ -46,7 +46,6 @@ from dgh.quantization.layers import QUANT_LAYER_TYPES
 from dgh.quantization.presets import PresetSpec, preset_spec
 from dgh.quantization.quantizers import FakeQuantizer, is_power_of_two
 from dgh.quantization.reconstruction import bake_learned_rounding, reconstruct
-from dgh.quantization.state import set_quant_state
 from dgh.quantization.thresholds import (
     ActivationObserver,
     SiteStats,
@@ -79,10 +78,11 @@ def _configure_weights(qmodel: QuantizedModel, config: QuantConfig, spec: Preset
         q: FakeQuantizer = layer.weight_quantizer
         q.configure(bits_of.get(name, config.w_bits), symmetric=spec.weight_symmetric, signed=spec.weight_symmetric,
                     power_of_two=False)
+        weight = layer.weight_out_channels_first()  # (C_out, ...): the per-channel axis first
         if spec.weight_symmetric:
-            q.set_threshold(weight_thresholds_symmetric(layer.weight, q.bits, method, config.weight_candidates))
+            q.set_threshold(weight_thresholds_symmetric(weight, q.bits, method, config.weight_candidates))
         else:
-            lo, hi = weight_ranges_asymmetric(layer.weight, q.bits, method, config.weight_candidates)
+            lo, hi = weight_ranges_asymmetric(weight, q.bits, method, config.weight_candidates)
             q.set_range(lo, hi)
 
 
@@ -179,17 +179,10 @@ def correct_biases(qmodel: nn.Module, input_means: dict[str, torch.Tensor]) -> N
         if mean is None:
             continue
         with torch.no_grad():
-            delta = (layer.quantized_weight() - layer.weight).double()  # (C_out, C_in/groups, *k)
-            mean = mean.double().to(delta.device)
-            if isinstance(layer, nn.Linear):
-                shift = delta @ mean
-            else:
-                groups = layer.groups
-                cin_g = delta.shape[1]
-                per_out_in = mean.view(groups, cin_g).repeat_interleave(delta.shape[0] // groups, 0)
-                shift = (delta.sum(dim=tuple(range(2, delta.dim()))) * per_out_in).sum(1)
+            delta = (layer.quantized_weight() - layer.weight).double()  # the weight's layout
+            shift = layer.weight_error_output_shift(delta, mean.double().to(delta.device))  # (C_out,)
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(delta.shape[0], device=delta.device), requires_grad=False)
+                layer.bias = nn.Parameter(torch.zeros(shift.shape[0], device=delta.device), requires_grad=False)
             layer.bias.sub_(shift.to(layer.bias.dtype))
 
 

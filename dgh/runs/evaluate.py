@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from dgh.data.classification import ClassLayout
 from dgh.evaluation import evaluate_classification, evaluate_coco
 from dgh.io import write_json
 from dgh.layout import QUANTIZED_FILE
@@ -31,6 +32,7 @@ class ClassificationData:
     data: Path
     limit: int | None = None
     batch_size: int = 256
+    class_layout: ClassLayout = ClassLayout.NAMES
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ def evaluate_to_file(
     net = model_to_evaluate(loaded, quantized, compile=compile)
     if isinstance(data, ClassificationData):
         metrics = evaluate_classification(net, loaded.spec, str(data.data), limit=data.limit,
-                                          batch_size=data.batch_size, device=device, progress=progress)
+                                          batch_size=data.batch_size, device=device, progress=progress,
+                                          class_layout=data.class_layout)
     else:
         metrics = evaluate_coco(net, loaded, str(data.images),
                                 annotations=str(data.annotations) if data.annotations else None,
