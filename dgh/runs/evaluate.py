@@ -17,7 +17,7 @@ from dgh.models import LoadedModel
 from dgh.data.images import IMAGE_EXTENSIONS
 from dgh.env import resolve_device
 from dgh.quantization import load_quantized
-from dgh.quantization.lean import compile_pays_off, lean_forward_model
+from dgh.quantization.lean import ReplayQuantizedModel, compile_pays_off
 
 
 class EvaluationInputError(ValueError):
@@ -53,8 +53,9 @@ class DetectionData:
 
 def model_to_evaluate(loaded: LoadedModel, quantized: str | Path | None, *, compile: bool = False) -> nn.Module:
     """The float model (``quantized`` None) or the quantized model saved at ``quantized`` (a ``quantized.pt`` or the
-    folder holding one), behind its lean inference forward (:func:`dgh.quantization.lean.lean_forward_model`: the
-    same outputs bit for bit, faster; ``compile`` selects its ``torch.compile`` kernel).
+    folder holding one), behind its lean inference forward (:class:`dgh.quantization.lean.ReplayQuantizedModel`: the
+    same outputs bit for bit, faster; traced once and replayed; ``compile`` selects the ``torch.compile`` fake-quant
+    kernel of the fallback lean forward).
 
     Raises:
         FileNotFoundError: no ``quantized.pt`` there.
@@ -65,7 +66,7 @@ def model_to_evaluate(loaded: LoadedModel, quantized: str | Path | None, *, comp
     path = path / QUANTIZED_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (pass the output folder of `dgh quantize`)")
-    return lean_forward_model(load_quantized(loaded, str(path)), compile=compile)
+    return ReplayQuantizedModel(load_quantized(loaded, str(path)), compile=compile).eval()
 
 
 def _count_images(folder: Path) -> int:
