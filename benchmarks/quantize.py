@@ -42,7 +42,7 @@ configure_offline()
 from dgh.models import load_model  # noqa: E402
 from dgh.models.registry import RANDOM_WEIGHTS  # noqa: E402
 from dgh.quantization import QuantConfig, iter_quantizers, quantize_model  # noqa: E402
-from dgh.quantization.lean import lean_forward_model  # noqa: E402
+from dgh.quantization.lean import lean_forward_model, traced_lean_forward  # noqa: E402
 from dgh.threads import apply_threads  # noqa: E402
 
 ASSETS = Path(os.environ.get("DGH_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
@@ -80,6 +80,9 @@ def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch:
     compile_s = float("nan")
     if compile_lean:
         models["lean (compiled)"] = lean_forward_model(qm, compile=True)
+    t = time.perf_counter()
+    models["lean (traced replay)"] = traced_lean_forward(qm, x)  # checks bit-identity itself
+    trace_s = time.perf_counter() - t
     with torch.no_grad():
         ref = qm(x)
         for key, m in models.items():
@@ -110,7 +113,7 @@ def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch:
     print("|---|---|---|")
     for key, v in best.items():
         print(f"| {key} | {v * 1e3:.1f} | {v / best['float']:.2f} |")
-    print("all lean outputs bit-identical to the reference: yes"
+    print(f"all lean outputs bit-identical to the reference: yes; trace of the replay {trace_s:.1f} s"
           + (f"; first call of the compiled lean forward (compile) {compile_s:.1f} s" if compile_lean else ""))
     return {"name": name, "best_s": best, "calib_s": t_cal, "compile_s": compile_s}
 

@@ -248,6 +248,7 @@ class Params(_Strict):
 
     assets: str = DEFAULT_ASSETS
     device: str = "auto"
+    threads: int = Field(1, ge=0)
     progress: bool = True
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     generate: dict[str, GenerateEntry] = Field(default_factory=dict)

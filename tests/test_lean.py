@@ -7,15 +7,18 @@ import torch
 from torch import nn
 
 from dgh.models import load_model
-from dgh.quantization import QuantConfig, quantize_model
+from dgh.quantization import QuantConfig, load_quantized, quantize_model, save_quantized
 from dgh.quantization.lean import (
     LeanQuantizedModel,
+    ReplayQuantizedModel,
+    traced_lean_forward,
     compile_pays_off,
     compiled_fake_quantize,
     fused_fake_quantize,
     lean_forward_model,
 )
 from dgh.quantization.quantizers import fake_quantize
+from dgh.runs.evaluate import model_to_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,3 +142,37 @@ def test_compile_pays_off_only_for_large_cpu_evaluations() -> None:
     assert compile_pays_off(50_000, (224, 224))  # ImageNet validation
     assert compile_pays_off(5_000, (640, 640))  # COCO val2017
     assert compile_pays_off(10, (32, 32), "cuda")
+
+
+def test_evaluation_loads_a_saved_model_behind_the_lean_forward(resnet20, tmp_path) -> None:
+    g = torch.Generator().manual_seed(6)
+    qmodel = quantize_model(resnet20, torch.randn(4, 3, 32, 32, generator=g), QuantConfig(preset="pot"),
+                            device="cpu", progress=False)
+    save_quantized(qmodel, tmp_path / "quantized.pt")
+    net = model_to_evaluate(resnet20, tmp_path)
+    assert isinstance(net, ReplayQuantizedModel)
+    reference = load_quantized(resnet20, tmp_path / "quantized.pt")
+    with torch.inference_mode():
+        for n in (4, 3):  # the first call traces; a smaller last batch replays the same trace
+            x = torch.randn(n, 3, 32, 32, generator=g)
+            assert torch.equal(_bits(net(x)), _bits(reference(x)))
+    assert net._replay is not None and not net.replay_failed
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar10", "yolov5n"])
+def test_traced_replay_bit_identical_at_other_batch_sizes(name: str) -> None:
+    size = 32 if name == "resnet20_cifar10" else 64
+    loaded = load_model(name, "random", imgsz=None if name == "resnet20_cifar10" else size)
+    _randomize_bn(loaded.model)
+    g = torch.Generator().manual_seed(7)
+    qmodel = quantize_model(loaded, torch.rand(4, 3, size, size, generator=g), QuantConfig(preset="pot"),
+                            device="cpu", progress=False)
+    replay = traced_lean_forward(qmodel, torch.rand(4, 3, size, size, generator=g))
+    x = torch.rand(3, 3, size, size, generator=g)
+    with torch.inference_mode():
+        ref, out = qmodel(x), replay(x)
+    ref_t = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    out_t = [out] if isinstance(out, torch.Tensor) else list(out)
+    assert len(ref_t) == len(out_t) >= 1
+    for a, b in zip(ref_t, out_t):
+        assert torch.equal(_bits(a), _bits(b))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dgh.params import ParamsError, parse_params
 from dgh.threads import ThreadsError, apply_threads, auto_threads
 
 
@@ -26,3 +27,10 @@ def test_apply_threads_sets_torch_and_rejects_negative() -> None:
             apply_threads(-2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_params_threads_field() -> None:
+    assert parse_params({}).threads == 1
+    assert parse_params({"threads": 0}).threads == 0
+    with pytest.raises(ParamsError, match="threads"):
+        parse_params({"threads": -1})

@@ -17,6 +17,7 @@ from dgh.env import configure_offline
 from dgh.layout import StageLayout
 from dgh.models import LoadedModel, load_model
 from dgh.params import Params, load_params
+from dgh.threads import apply_threads
 from dgh.tracking import TAG_KIND, Tracker
 
 
@@ -50,12 +51,13 @@ class Project:
 
 
 def open_project(params_path: str | os.PathLike = "params.yaml", *, track: bool = True) -> Project:
-    """Load and validate ``params_path``; the project root is its folder.
+    """Load and validate ``params_path`` and apply its ``threads``; the project root is its folder.
 
     Raises:
         ParamsError: invalid params (one line).
     """
     params = load_params(params_path)
+    apply_threads(params.threads)
     root = Path(params_path).resolve().parent
     ensure_ultralytics_font(root)
     return Project(params, root, track)

@@ -26,6 +26,8 @@ For reconstruction (AdaRound / BRECQ, :mod:`dgh.quantization.reconstruction`):
 - :func:`set_quant_state` switches weight and activation quantization independently.
 - Calling any submodule of the quantized model on its own applies the same quantizers as in the full forward
   (:mod:`dgh.quantization.capture`); a pending output at the submodule boundary is quantized there.
+- :func:`lean_forward_model` wraps a calibrated model for inference: the same outputs bit for bit, with cached
+  fake-quantized weights and fused activation fake quantization (:mod:`dgh.quantization.lean`).
 - :func:`save_quantized` bakes a set ``weight_rounding`` into the stored weights, so files reload exactly without
   the rounding module.
 """
@@ -50,6 +52,7 @@ from dgh.quantization.capture import (
 )
 from dgh.quantization.config import Algorithm, Preset, QuantConfig, QuantConfigError
 from dgh.quantization.fold import FoldError, fold_batch_norms
+from dgh.quantization.lean import LeanQuantizedModel, lean_forward_model
 from dgh.quantization.layers import (
     QUANT_LAYER_TYPES,
     QuantConv1d,
@@ -62,6 +65,8 @@ from dgh.quantization.quantizers import FakeQuantizer, QuantizerError, is_power_
 from dgh.quantization.state import set_quant_state
 
 __all__ = [
+    "LeanQuantizedModel",
+    "lean_forward_model",
     "QUANT_LAYER_TYPES",
     "Algorithm",
     "CalibrationError",

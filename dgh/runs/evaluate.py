@@ -10,12 +10,15 @@ from typing import Any
 from torch import nn
 
 from dgh.data.classification import ClassLayout
+from dgh.data.images import IMAGE_EXTENSIONS
+from dgh.env import resolve_device
 from dgh.evaluation import evaluate_classification, evaluate_coco
 from dgh.export import Backend, onnx_model_for
 from dgh.io import write_json
 from dgh.layout import QUANTIZED_FILE
 from dgh.models import LoadedModel
 from dgh.quantization import load_quantized
+from dgh.quantization.lean import ReplayQuantizedModel, compile_pays_off
 
 
 class EvaluationInputError(ValueError):
@@ -49,9 +52,11 @@ class DetectionData:
             raise EvaluationInputError("pass exactly one of annotations (COCO json) or labels (YOLO label folder)")
 
 
-def model_to_evaluate(loaded: LoadedModel, quantized: str | Path | None) -> nn.Module:
+def model_to_evaluate(loaded: LoadedModel, quantized: str | Path | None, *, compile: bool = False) -> nn.Module:
     """The float model (``quantized`` None) or the quantized model saved at ``quantized`` (a ``quantized.pt`` or the
-    folder holding one).
+    folder holding one), behind its lean inference forward (:class:`dgh.quantization.lean.ReplayQuantizedModel`: the
+    same outputs bit for bit, faster; traced once and replayed; ``compile`` selects the ``torch.compile`` fake-quant
+    kernel of the fallback lean forward).
 
     Raises:
         FileNotFoundError: no ``quantized.pt`` there.
@@ -62,7 +67,11 @@ def model_to_evaluate(loaded: LoadedModel, quantized: str | Path | None) -> nn.M
     path = path / QUANTIZED_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (pass the output folder of `dgh quantize`)")
-    return load_quantized(loaded, str(path))
+    return ReplayQuantizedModel(load_quantized(loaded, str(path)), compile=compile).eval()
+
+
+def _count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def evaluate_to_file(
@@ -96,7 +105,16 @@ def evaluate_to_file(
         net = onnx_model_for(loaded, onnx)
         device = "cpu"  # the session copies to the host itself
     else:
-        net = model_to_evaluate(loaded, quantized)
+        compile = False
+        if quantized is not None:
+            if isinstance(data, ClassificationData):
+                n_images = data.limit or _count_images(Path(data.data))
+                hw = tuple(loaded.spec.input_size)
+            else:
+                n_images = _count_images(Path(data.images))
+                hw = (data.imgsz, data.imgsz) if data.imgsz else tuple(loaded.spec.input_size)
+            compile = compile_pays_off(n_images, hw, resolve_device(device))
+        net = model_to_evaluate(loaded, quantized, compile=compile)
     if isinstance(data, ClassificationData):
         metrics = evaluate_classification(net, loaded.spec, str(data.data), limit=data.limit,
                                           batch_size=data.batch_size, device=device, progress=progress,
