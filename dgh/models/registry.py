@@ -9,6 +9,8 @@ Families (see ``../shared/docs/architecture.md`` and issue 2):
   ``.yaml`` used as the name (:mod:`dgh.models.ultralytics_models`).
 - ``yolov5_classic``: ``yolov5{n,s,m,l,x}`` from original YOLOv5 v6.x checkpoints, loaded without running pickled
   code (:mod:`dgh.models.yolov5_classic`).
+- ``efficientnet_lite``: ``efficientnet_lite0`` (timm ``tf_efficientnet_lite0`` with a lukemelas-layout checkpoint;
+  ``--weights`` required) (:mod:`dgh.models.efficientnet_lite`).
 
 ``weights="random"`` builds any family with random weights (tests); ``weights=None`` means the family default,
 which for torchvision and ultralytics would download and therefore fails fast offline.
@@ -264,6 +266,33 @@ def _load_yolov5(name: str, weights: str | None, imgsz: int | None) -> LoadedMod
                               "yaml": info["yaml"]})
 
 
+def _efficientnet_lite_spec() -> ModelSpec:
+    from dgh.models.efficientnet_lite import efficientnet_lite0_spec  # timm import (~1.5 s) only when used
+
+    return efficientnet_lite0_spec()
+
+
+def _load_efficientnet_lite(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
+    from dgh.models.efficientnet_lite import (  # timm import (~1.5 s) only when used
+        KeyMapError,
+        build_timm_lite0,
+        load_lukemelas_state_dict,
+        split_bn_act,
+    )
+
+    if weights is None:
+        raise ModelLoadError(f"{name} needs --weights PATH to a lukemelas-layout checkpoint (efficientnet-lite0-*.pth)"
+                             " (or --weights random for random weights)")
+    model = build_timm_lite0()
+    if weights != RANDOM_WEIGHTS:
+        try:
+            load_lukemelas_state_dict(model, _load_state_dict_file(Path(weights)), load_state_dict_strict, str(weights))
+        except KeyMapError as exc:
+            raise ModelLoadError(f"{weights}: {exc}") from None
+    return LoadedModel(spec=_efficientnet_lite_spec(), model=split_bn_act(model).eval(),
+                       weights=None if weights == RANDOM_WEIGHTS else str(weights))
+
+
 def _registry() -> dict[str, tuple[Callable[[], ModelSpec], Callable[[str, str | None, int | None], LoadedModel]]]:
     from dgh.models.torchvision_models import torchvision_names
     from dgh.models.ultralytics_models import ULTRALYTICS_NAMES
@@ -272,6 +301,7 @@ def _registry() -> dict[str, tuple[Callable[[], ModelSpec], Callable[[str, str |
     reg.update({n: ((lambda n=n: _torchvision_spec(n)), _load_torchvision) for n in torchvision_names()})
     reg.update({n: ((lambda n=n: _ultralytics_spec(n)), _load_ultralytics_name) for n in ULTRALYTICS_NAMES})
     reg.update({n: ((lambda n=n: _yolov5_spec(n)), _load_yolov5) for n in YOLOV5_NAMES})
+    reg["efficientnet_lite0"] = (_efficientnet_lite_spec, _load_efficientnet_lite)
     return reg
 
 
