@@ -47,9 +47,9 @@ FAMILY = "efficientnet_lite"
 TIMM_ARCH = "tf_efficientnet_lite0"
 MEAN_01 = (127.0 / 255.0,) * 3
 STD_01 = (128.0 / 255.0,) * 3
-# lambda_out of the output distribution stretching loss; the paper gives no value for this model
-# (method.md section 3); see dgh.generation.losses for the scale rule used when it is left unset.
-OUTPUT_LOSS_WEIGHT = 1e-5
+# lambda_out of the output distribution stretching loss: the paper gives no value for this model (method.md
+# section 3), so None selects the data-free rule (dgh.generation.losses.balanced_output_weight).
+OUTPUT_LOSS_WEIGHT = None
 
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # lukemelas block member -> timm member, for timm's DepthwiseSeparableConv (no expansion) and InvertedResidual
