@@ -86,10 +86,11 @@ def _configure_weights(qmodel: QuantizedModel, config: QuantConfig, spec: Preset
         q.symmetric = spec.weight_symmetric
         q.signed = True if spec.weight_symmetric else False
         q.power_of_two = False
+        weight = layer.weight_out_channels_first()  # (C_out, ...): the per-channel axis first
         if spec.weight_symmetric:
-            q.set_threshold(weight_thresholds_symmetric(layer.weight, q.bits, method, config.weight_candidates))
+            q.set_threshold(weight_thresholds_symmetric(weight, q.bits, method, config.weight_candidates))
         else:
-            lo, hi = weight_ranges_asymmetric(layer.weight, q.bits, method, config.weight_candidates)
+            lo, hi = weight_ranges_asymmetric(weight, q.bits, method, config.weight_candidates)
             q.set_range(lo, hi)
 
 
@@ -188,17 +189,10 @@ def correct_biases(qmodel: nn.Module, input_means: dict[str, torch.Tensor]) -> N
         if mean is None:
             continue
         with torch.no_grad():
-            delta = (layer.quantized_weight() - layer.weight).double()  # (C_out, C_in/groups, *k)
-            mean = mean.double().to(delta.device)
-            if isinstance(layer, nn.Linear):
-                shift = delta @ mean
-            else:
-                groups = layer.groups
-                cin_g = delta.shape[1]
-                per_out_in = mean.view(groups, cin_g).repeat_interleave(delta.shape[0] // groups, 0)
-                shift = (delta.sum(dim=tuple(range(2, delta.dim()))) * per_out_in).sum(1)
+            delta = (layer.quantized_weight() - layer.weight).double()  # the weight's layout
+            shift = layer.weight_error_output_shift(delta, mean.double().to(delta.device))  # (C_out,)
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(delta.shape[0], device=delta.device), requires_grad=False)
+                layer.bias = nn.Parameter(torch.zeros(shift.shape[0], device=delta.device), requires_grad=False)
             layer.bias.sub_(shift.to(layer.bias.dtype))
 
 

@@ -69,8 +69,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
-from dgh.quantization.fold import fold_batch_norms, set_submodule
-from dgh.quantization.layers import QUANT_LAYER_TYPES, to_quant_layer
+from dgh.quantization.fold import METADATA_OPS, fold_batch_norms, set_submodule
+from dgh.quantization.layers import (
+    FLOAT_LAYER_TYPES,
+    QUANT_LAYER_TYPES,
+    UnsupportedLayerError,
+    check_supported_layer,
+    to_quant_layer,
+)
 from dgh.quantization.quantizers import FakeQuantizer, QuantizerError
 
 # op name (func.__name__) -> canonical site op
@@ -88,8 +94,21 @@ _SITE_OPS = {
     "adaptive_max_pool1d": "maxpool", "adaptive_max_pool2d": "maxpool", "_adaptive_max_pool2d": "maxpool",
     "interpolate": "upsample", "upsample": "upsample", "upsample_nearest2d": "upsample",
     "upsample_bilinear2d": "upsample", "mean": "mean",
-    "conv1d": "conv", "conv2d": "conv", "linear": "linear", "matmul": "matmul", "bmm": "matmul",
+    "conv1d": "conv", "conv2d": "conv", "conv_transpose1d": "conv", "conv_transpose2d": "conv", "linear": "linear",
+    "matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "bmm": "matmul", "mm": "matmul",
+    "batch_norm": "bn", "layer_norm": "norm", "group_norm": "norm", "instance_norm": "norm",
+    "softmax": "softmax", "log_softmax": "softmax",
     **_BINARY,
+}
+# ops that multiply by a weight: a >= 2-D parameter may reach them only as the weight of a quantized layer
+_WEIGHT_OPS = frozenset({
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear", "bilinear",
+    "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "multi_head_attention_forward",
+})
+# float module types whose forward uses their weights without calling a quantizable layer: refused at build time
+_UNSUPPORTED_MODULES: dict[type, str] = {
+    nn.MultiheadAttention: "its projections are applied by F.multi_head_attention_forward straight from its "
+    "weights, not by quantizable layers",
 }
 ACTIVATION_OPS = frozenset({
     "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "hardswish", "hardswish_",
@@ -97,11 +116,10 @@ ACTIVATION_OPS = frozenset({
     "elu_", "tanh", "tanh_", "softplus", "prelu", "celu", "selu",
 })
 # metadata queries never force quantization of a pending tensor
-_PASSTHROUGH = frozenset({
-    "__get__", "__set__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "__len__",
-    "__repr__", "__format__", "__hash__", "is_floating_point", "get_device", "ndimension", "nelement",
-    "requires_grad_", "register_hook", "retain_grad", "__reduce_ex__", "__deepcopy__", "__setstate__",
-})
+_PASSTHROUGH = METADATA_OPS
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# the ops a quantized layer's forward runs with its (quantized) weight
+_LAYER_OP_NAMES = frozenset({"conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear"})
 
 
 class CaptureError(ValueError):
@@ -179,24 +197,62 @@ class _Runtime:
         owner = frame.module if frame is not None else None
         if owner is not None and isinstance(owner, QUANT_LAYER_TYPES) and op in ("conv", "linear"):
             return owner.output_quantizer, frame.path
-        if owner is None or isinstance(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            raise CaptureError(f"functional op {raw_name} called outside a module that can own its quantizer")
+        if owner is None:
+            raise CaptureError(f"functional op {raw_name} called outside any module of the model")
         k = frame.counters.get(op, 0)
         frame.counters[op] = k + 1
         key = f"{op}{k}" + (f"@{frame.invocation}" if frame.invocation else "")
-        qdict = getattr(owner, "act_quantizers", None)
+        store, prefix = owner, ""
+        if isinstance(owner, _CONTAINERS):  # a container iterates its children: its quantizers live on an ancestor
+            store, prefix = getattr(owner, "_dgh_site_store", (None, ""))
+            if store is None:
+                raise CaptureError(f"functional op {raw_name} in container {frame.path or type(owner).__name__} "
+                                   "has no enclosing module to own its quantizer")
+        qdict = getattr(store, "act_quantizers", None)
         if qdict is None:
             qdict = nn.ModuleDict()
-            owner.act_quantizers = qdict
-        if key not in qdict:
+            store.act_quantizers = qdict
+        qkey = prefix + key
+        if qkey not in qdict:
             if self.phase != "observe":
                 raise CaptureError(f"site {frame.path}:{key} was not seen during calibration (data-dependent graph?)")
-            ref = next(iter(owner.parameters()), None)
+            ref = next(iter(store.parameters()), None)
             q = FakeQuantizer(role="activation")
             if ref is not None:
                 q.to(ref.device)
-            qdict[key] = q
-        return qdict[key], f"{frame.path}:{key}"
+            qdict[qkey] = q
+        return qdict[qkey], f"{frame.path}:{key}"
+
+    def check_weight_use(self, name: str, args, kwargs) -> None:
+        """Observe phase: a >= 2-D parameter may reach a weight op (conv/linear/matmul ...) only as the weight of the
+        quantized layer that runs the op, passed unchanged (all quantizers are transparent in this phase).
+
+        Raises:
+            CaptureError: a weight used outside a quantizable layer, or transformed inside one.
+        """
+        frame = self.stack[-1] if self.stack else None
+        owner = frame.module if frame is not None else None
+        where = f"{frame.path or 'model'} ({type(owner).__name__})" if frame is not None else "model"
+        own_weight = owner.weight if isinstance(owner, QUANT_LAYER_TYPES) else None
+        used_own = False
+
+        def visit(t):
+            nonlocal used_own
+            if t is own_weight:
+                used_own = True
+            elif isinstance(t, nn.Parameter) and t.dim() >= 2:
+                raise CaptureError(
+                    f"{where} passes a parameter of shape {tuple(t.shape)} straight to {name} instead of calling a "
+                    "quantizable layer, so that weight cannot be quantized; this architecture is not supported"
+                )
+            return t
+
+        tree_map_only(torch.Tensor, visit, (args, kwargs))
+        if own_weight is not None and not used_own and name in _LAYER_OP_NAMES:
+            raise CaptureError(
+                f"{where}: its forward passes a transformed weight to {name}; only layers that use their weight "
+                "unchanged (e.g. 'same'-padding subclasses) can be quantized"
+            )
 
     def mark(self, out: torch.Tensor, quantizer: FakeQuantizer, name: str, producers: list[str]) -> None:
         self.pending[out] = [quantizer, name, None]
@@ -270,6 +326,14 @@ class _SiteMode(TorchFunctionMode):
         if name in _PASSTHROUGH:
             return func(*args, **kwargs)
         rt = self.rt
+        if name == "batch_norm" and getattr(rt.stack[-1].module if rt.stack else None, "_dgh_folded_bn", False):
+            # a folded BN kept for the rest of its forward: its normalization is the identity, no site
+            x = args[0] if args else kwargs.get("input")
+            out = func(*args, **kwargs)
+            entry = rt.pending.get(x) if isinstance(x, torch.Tensor) else None
+            if entry is not None and entry[2] is None and isinstance(out, torch.Tensor):
+                rt.pending[out] = [entry[0], entry[1], None]
+            return out
         if name in ACTIVATION_OPS:
             x = args[0] if args else kwargs.get("input")
             entry = rt.pending.get(x) if isinstance(x, torch.Tensor) else None
@@ -279,6 +343,8 @@ class _SiteMode(TorchFunctionMode):
                     rt.pending[out] = [entry[0], entry[1], None]
                 return out
         op = _canonical(name)
+        if rt.phase == "observe" and name in _WEIGHT_OPS:
+            rt.check_weight_use(name, args, kwargs)
         producers = _producers(rt, args, kwargs) if (op is not None and rt.phase == "observe") else []
         args, kwargs = tree_map_only(torch.Tensor, rt.resolve, (args, kwargs))
         out = func(*args, **kwargs)
@@ -337,13 +403,41 @@ def iter_quantizers(qmodel: nn.Module):
 def install_hooks(qmodel: QuantizedModel) -> None:
     """Set ``_dgh_path`` on every module and register the stack/entry hooks (idempotent per module)."""
     rt = qmodel.runtime
-    for name, mod in qmodel.named_modules():
-        if isinstance(mod, (FakeQuantizer, nn.ModuleDict)) or getattr(mod, "_dgh_hooked", False):
+    modules = dict(qmodel.named_modules())
+    for name, mod in modules.items():
+        if isinstance(mod, _CONTAINERS) and name:
+            # quantizers of ops in a container's own forward live on its nearest non-container ancestor
+            # (``act_quantizers["<relative/path>/<op><k>"]``); a container's children must all be its layers
+            anc = name
+            while anc and isinstance(modules[anc], _CONTAINERS):
+                anc = anc.rpartition(".")[0]
+            rel = name[len(anc) + 1 :] if anc else name
+            object.__setattr__(mod, "_dgh_site_store", (modules[anc], rel.replace(".", "/") + "/"))
+    for name, mod in modules.items():
+        if isinstance(mod, FakeQuantizer) or type(mod) is nn.ModuleDict or getattr(mod, "_dgh_hooked", False):
             continue
         mod._dgh_path = name
         mod.register_forward_pre_hook(rt.pre_hook)
         mod.register_forward_hook(rt.post_hook, always_call=True)
         mod._dgh_hooked = True
+
+
+def check_supported_modules(model: nn.Module) -> None:
+    """Refuse, before any forward, a model holding a module type whose weights cannot be quantized
+    (:data:`_UNSUPPORTED_MODULES`, e.g. ``nn.MultiheadAttention``) or an unsupported layer (a grouped transposed conv).
+
+    Raises:
+        CaptureError: naming the first such module and the reason.
+    """
+    for name, mod in model.named_modules():
+        for cls, reason in _UNSUPPORTED_MODULES.items():
+            if isinstance(mod, cls):
+                raise CaptureError(f"{name or 'model'} is a {type(mod).__name__}: {reason}; this architecture is "
+                                   "not supported")
+        try:
+            check_supported_layer(mod)
+        except UnsupportedLayerError as exc:
+            raise CaptureError(f"{name or 'model'}: {exc}") from None
 
 
 def build_quantized_model(model: nn.Module, example_input: torch.Tensor) -> QuantizedModel:
@@ -359,12 +453,16 @@ def build_quantized_model(model: nn.Module, example_input: torch.Tensor) -> Quan
     Raises:
         CaptureError / FoldError: the model cannot run on ``example_input``.
     """
+    check_supported_modules(model)
     folded, pairs = fold_batch_norms(model, example_input)
-    for name, mod in list(folded.named_modules()):
-        if name and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not isinstance(mod, QUANT_LAYER_TYPES):
-            set_submodule(folded, name, to_quant_layer(mod))
-    if isinstance(folded, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        folded = to_quant_layer(folded)
+    try:
+        for name, mod in list(folded.named_modules()):
+            if name and isinstance(mod, FLOAT_LAYER_TYPES) and not isinstance(mod, QUANT_LAYER_TYPES):
+                set_submodule(folded, name, to_quant_layer(mod))
+        if isinstance(folded, FLOAT_LAYER_TYPES):
+            folded = to_quant_layer(folded)
+    except UnsupportedLayerError as exc:
+        raise CaptureError(str(exc)) from None
     qmodel = QuantizedModel(folded)
     qmodel.folded_pairs = pairs
     ref = next(iter(folded.parameters()), None)
