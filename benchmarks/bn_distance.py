@@ -1,4 +1,4 @@
-"""Dataset-level BN distance of generated calibration sets, method against method at equal budget (issue 3).
+"""Dataset-level BN distance of generated calibration sets, method against method at equal budget.
 
 The BN distance is L_BN (method.md section 3, lambda_sigma 10, input pseudo-layer included) evaluated on all N final
 images at once, with no augmentation (:func:`dgh.generation.bn_distance`); lower is closer to the training data's BN

@@ -1,4 +1,4 @@
-"""Float accuracy of the real assets through the product's own loaders and evaluators (issue 2, "Must show").
+"""Float accuracy of the real assets through the product's own loaders and evaluators.
 
 Not a speed benchmark: it reproduces the assets README table and prints each number next to its reference.
 
@@ -24,7 +24,7 @@ configure_offline()
 from dgh.evaluation import evaluate_classification, evaluate_coco  # noqa: E402
 from dgh.models import load_model  # noqa: E402
 
-# row -> (reference from the assets README, tolerance from issue 2)
+# row -> (reference from the assets README, tolerance)
 REFERENCE = {
     "r20": ("top1", 81.03, 0.05),
     "r56": ("top1", 83.20, 0.05),

@@ -1,4 +1,4 @@
-"""Benchmark of the DGH generation engine (issue 3). Every figure is a ratio measured in the same run.
+"""Benchmark of the DGH generation engine. Every figure is a ratio measured in the same run.
 
 Each measurement runs in its own subprocess (clean peak-RSS, no shared caches):
 
@@ -152,22 +152,28 @@ def worker_timing(a: argparse.Namespace) -> dict:
     loaded = load_model(a.model, a.weights)
     h, w = loaded.spec.input_size
     steps = -(-a.n_images // a.batch_size) * a.iters
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
 
     def bare(bf16: bool) -> None:
         fmt = torch.channels_last if bf16 else torch.contiguous_format
-        model = loaded.model.to(memory_format=fmt)
-        x = torch.randn(a.batch_size, 3, h, w).contiguous(memory_format=fmt).requires_grad_(True)
+        model = loaded.model.to(device=dev, memory_format=fmt)
+        x = torch.randn(a.batch_size, 3, h, w, device=dev).contiguous(memory_format=fmt).requires_grad_(True)
         for _ in range(steps):
             x.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(x)
             out.float().sum().backward()
-        loaded.model.to(memory_format=torch.contiguous_format)
+        sync()
+        loaded.model.to(device="cpu", memory_format=torch.contiguous_format)
 
     def dgh(speed: str, lazy: bool) -> None:
         cfg = GenerationConfig.for_method("dgh", n_images=a.n_images, iterations=a.iters, batch_size=a.batch_size,
                                           seed=0, speed=speed, lazy_refresh=lazy, checkpoint_every=0)
-        generate_images(loaded, cfg, progress=False, device="cpu")
+        generate_images(loaded, cfg, progress=False, device=dev)
+        sync()
 
     plan = {
         "bare fwd+bwd": lambda: bare(False),
@@ -178,6 +184,8 @@ def worker_timing(a: argparse.Namespace) -> dict:
         "dgh exact + lazy refresh": lambda: dgh("exact", True),
     }
     try:
+        if a.skip_mct:
+            raise ImportError("--skip-mct")
         import model_compression_toolkit as mct
 
         def run_mct() -> None:
@@ -189,6 +197,11 @@ def worker_timing(a: argparse.Namespace) -> dict:
         plan["mct"] = run_mct
     except ImportError:
         pass
+    if a.plan:
+        unknown = sorted(set(a.plan) - set(plan))
+        if unknown:
+            raise SystemExit(f"unknown --plan rows {unknown}; choose from {sorted(plan)}")
+        plan = {k: v for k, v in plan.items() if k in a.plan or k == "bare fwd+bwd" or k == "mct"}
     best: dict[str, float] = {}
     for _ in range(a.repeats):
         for name, fn in plan.items():
@@ -210,8 +223,8 @@ def _run(kind: str, args: argparse.Namespace, python: str | None = None, **over:
             "--n-images", str(over.get("n_images", args.n_images)), "--iters", str(over.get("iters", args.iters)),
             "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--speed", over.get("speed", "exact"),
             "--out-json", str(out_json), "--out-images", str(Path(tmp) / "images.pt"),
-            "--amp", over.get("amp", "auto"), "--repeats", str(args.repeats),
-        ] + (["--bf16"] if over.get("bf16") else []) + (["--lazy"] if over.get("lazy") else [])
+            "--amp", over.get("amp", "auto"), "--repeats", str(args.repeats), "--device", args.device,
+        ] + (["--skip-mct"] if args.skip_mct else []) + (["--plan", *args.plan] if args.plan else []) + (["--bf16"] if over.get("bf16") else []) + (["--lazy"] if over.get("lazy") else [])
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         proc = subprocess.run(cli, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -238,6 +251,9 @@ def main() -> None:
     ap.add_argument("--amp", default="auto", help="worker: GenerationConfig.amp")
     ap.add_argument("--lazy", action="store_true", help="worker dgh: GenerationConfig.lazy_refresh")
     ap.add_argument("--bf16", action="store_true", help="worker bare: bf16 autocast + channels-last")
+    ap.add_argument("--device", default="cpu", help="timing: cpu or cuda (MCT runs on its own default device)")
+    ap.add_argument("--plan", nargs="+", default=None,
+                    help="timing: only these rows (names of the table, e.g. 'dgh exact' 'bare fwd+bwd')")
     ap.add_argument("--mct-python", default=None)
     ap.add_argument("--skip-mct", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; min wall time kept")
@@ -265,8 +281,10 @@ def main() -> None:
     work = a.n_images * a.iters
     if a.timing_only:
         print(f"# {a.model}: N={a.n_images}, iterations={a.iters}, batch={a.batch_size}, threads={a.threads}; "
-              f"one process, {a.repeats} interleaved repeats, min wall time", flush=True)
+              f"one process, {a.repeats} interleaved repeats, min wall time, device {a.device}; "
+              f"load average before {os.getloadavg()[0]:.1f}", flush=True)
         walls = _run("timing", a, python=a.mct_python)["wall_s"]
+        print(f"load average after {os.getloadavg()[0]:.1f}")
         bare, mct_wall = walls["bare fwd+bwd"], walls.get("mct")
         print("| run | wall s | img*it/s | vs bare fwd+bwd (fp32) | speed-up vs MCT |")
         print("|---|---|---|---|---|")

@@ -10,6 +10,10 @@ Subpackages, one concern each:
 - :mod:`dgh.generation`: the DGH data-generation engine and its baselines.
 - :mod:`dgh.quantization`: hardware-friendly fake quantization, threshold selection, reconstruction.
 - :mod:`dgh.evaluation`: top-1/top-5 and COCO mAP.
+- :mod:`dgh.runs`: the steps that write a folder (generate, quantize, evaluate), shared by the CLI and the stages.
+- :mod:`dgh.pipeline`: the DVC stages, one module each (``python -m dgh.pipeline.<stage>``); :mod:`dgh.params`
+  validates ``params.yaml``, :mod:`dgh.layout` says where stage outputs go, :mod:`dgh.report` renders them.
+- :mod:`dgh.cli`: the ``dgh`` command.
 """
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ Commands (the contract of ``../shared/docs/architecture.md``)::
                           (--annotations INSTANCES.json | --labels YOLO_LABEL_DIR) [--imgsz S] --metrics-out FILE.json
     dgh report  [--params params.yaml]          # reports/results.md, accuracy.png, calibration_images.png
     dgh check   [--params params.yaml]          # validate params.yaml and every path it names
-    dgh stage STAGE [ID]                        # one DVC stage (what dvc.yaml runs)
+    dgh stage STAGE [ID]                        # one DVC stage by hand (dvc.yaml runs python -m dgh.pipeline.*)
 
 Any ``ValueError`` (bad option, missing file, invalid params.yaml ...) ends the command with a one-line
 ``error: ...`` on stderr and exit status 2, never a traceback.
@@ -25,11 +25,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from pydantic import ValidationError
 
-from dgh.env import configure_offline
+from dgh.data import load_calibration_set
+from dgh.data.classification import ClassLayout
+from dgh.env import configure_offline, resolve_device
 from dgh.errors import validation_error_line
-from dgh.generation.config import Method
+from dgh.generation import GenerationConfig, Method
+from dgh.models import get_spec, list_models, load_model
+from dgh.params import ParamsError, check_paths, load_params
+from dgh.pipeline.common import Project, open_project
+from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
+from dgh.pipeline.generate import run_generate
+from dgh.pipeline.quantize import run_quantize
+from dgh.pipeline.report import run_report
+from dgh.preflight import PreflightError, check_output_dir, merge_settings, output_lock
+from dgh.project_check import check_project
+from dgh.quantization import QuantConfig
+from dgh.runs.evaluate import ClassificationData, DetectionData, evaluate_to_file
+from dgh.runs.generate import generate_to_dir
+from dgh.runs.quantize import quantize_to_dir
 
 app = typer.Typer(
     name="dgh",
@@ -51,6 +67,10 @@ def _one_line(exc: BaseException) -> str:
         return validation_error_line(exc)
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())[:500]
+
+
+# Choice options (--preset, --algorithm, --output-loss ...) are plain strings validated by the config classes, so a
+# bad value ends in the same one-line `error:` as every other bad input (click's own choice errors are a box).
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,8 +96,6 @@ def parse_set(pairs: list[str] | None) -> dict[str, Any]:
     Raises:
         CliError: an item without ``=``.
     """
-    import yaml
-
     out: dict[str, Any] = {}
     for item in pairs or []:
         if "=" not in item:
@@ -85,16 +103,6 @@ def parse_set(pairs: list[str] | None) -> dict[str, Any]:
         key, value = item.split("=", 1)
         out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
     return out
-
-
-def _device(device: str) -> str | None:
-    return None if device in ("", "auto") else device
-
-
-def _load(model: str, weights: Optional[Path], imgsz: Optional[int]):
-    from dgh.models import load_model
-
-    return load_model(model, str(weights) if weights else None, imgsz)
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -110,12 +118,30 @@ SET_OPT = typer.Option(
 )
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device string before any work (``banana``, ``gpu0``, CUDA on a machine without it)."""
+    resolve_device(None if device in ("", "auto") else device)
+
+
+def _check_metrics_out(path: Path) -> None:
+    """The metrics file's folder is writable and the path is not a folder, before the evaluation runs."""
+    if path.is_dir():
+        raise PreflightError(f"--metrics-out {path} is a folder; pass a file path (metrics.json)")
+    check_output_dir(path.parent, option="--metrics-out")
+
+
+def _generation_bytes(config: GenerationConfig, spec) -> int:  # noqa: ANN001 - dgh.models.ModelSpec
+    """What a generation run writes, in bytes: ``images.pt`` (float32 N x 3 x H x W) and its resume checkpoint
+    (the N canvases of (H+p) x (W+p) and RAdam's two moment buffers of the same size)."""
+    h, w = spec.input_size
+    pad = spec.pad if config.canvas_pad is None else config.canvas_pad
+    return config.n_images * 3 * 4 * (h * w + 3 * (h + pad) * (w + pad))
+
+
 @app.command("models")
 @friendly
 def models_cmd() -> None:
     """List the registry: name, task, input size (pixels), training padding p and the default weights."""
-    from dgh.models import list_models
-
     typer.echo(f"{'name':<24} {'family':<16} {'task':<15} {'input HxW':<10} {'p':>3}  classes")
     for spec in list_models():
         h, w = spec.input_size
@@ -129,10 +155,10 @@ def generate_cmd(
     model: str = MODEL_OPT,
     weights: Optional[Path] = WEIGHTS_OPT,
     imgsz: Optional[int] = IMGSZ_OPT,
-    out: Path = typer.Option(..., "--out", help="Output folder: images.pt (N,3,H,W float32, normalized), meta.json, preview.png."),
+    out: Path = typer.Option(..., "--out", help="Output folder: images.pt (N,3,H,W float32, normalized), meta.json, preview.png, losses.json."),
     method: Method = typer.Option(Method.DGH, "--method", help="Generator: dgh (paper), batch-bns (GENIE/DeepInversion statistics), image-bns (ZeroQ statistics), noise."),
     n_images: Optional[int] = typer.Option(None, "--n-images", min=1, help="Number of images N. Default 1024 (paper)."),
-    iters: Optional[int] = typer.Option(None, "--iters", min=0, help="Iterations; one = one pass over all batches. Default 1000 (paper)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", "--iters", min=0, help="Iterations; one = one pass over all batches. Default 1000 (paper)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per optimization batch n (memory knob). Default 128."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of initialization, batch order and augmentation. Default 0."),
     lr: Optional[float] = typer.Option(None, "--lr", help="RAdam learning rate, normalized-pixel units. Default 16 (paper)."),
@@ -153,20 +179,24 @@ def generate_cmd(
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
 ) -> None:
-    """Synthesize a calibration set from the model's BatchNorm statistics (or a baseline generator)."""
-    configure_offline()
-    from dgh.generation import GenerationConfig, generate_images
+    """Synthesize a calibration set from the model's BatchNorm statistics (or a baseline generator).
 
-    overrides = parse_set(set_)
-    overrides.update(
-        n_images=n_images, iterations=iters, batch_size=batch_size, seed=seed, lr=lr, lambda_sigma=lambda_sigma,
-        output_loss=output_loss, output_loss_weight=output_loss_weight, statistics=statistics,
-        canvas_pad=canvas_pad, flip=flip, smoothing=smoothing, random_crop=random_crop, clamp=clamp,
-        augment_draw=augment_draw, speed=speed, amp=amp,
-    )
-    config = GenerationConfig.for_method(method.value, **overrides)
-    loaded = _load(model, weights, imgsz)
-    result = generate_images(loaded, config, out_dir=out, resume=resume, device=_device(device), progress=progress)
+    Every option is the dgh.generation.GenerationConfig field of the same name (the key in params.yaml); options
+    left unset keep the method preset's value.
+    """
+    fields = merge_settings(parse_set(set_), dict(
+        method=Method(method).value, n_images=n_images, iterations=iterations, batch_size=batch_size, seed=seed,
+        lr=lr, lambda_sigma=lambda_sigma, output_loss=output_loss, output_loss_weight=output_loss_weight,
+        statistics=statistics, canvas_pad=canvas_pad, flip=flip, smoothing=smoothing, random_crop=random_crop,
+        clamp=clamp, augment_draw=augment_draw, speed=speed, amp=amp,
+    ))
+    config = GenerationConfig.for_method(fields.pop("method"), **fields)
+    _check_device(device)
+    spec = get_spec(model, imgsz)
+    check_output_dir(out, need_bytes=_generation_bytes(config, spec))
+    with output_lock(out):
+        loaded = load_model(model, str(weights) if weights else None, imgsz)
+        result = generate_to_dir(loaded, config, out, device=device, progress=progress, resume=resume)
     terms = ", ".join(f"{k}={v:.4g}" for k, v in result.loss_terms.items())
     typer.echo(f"wrote {out}/images.pt {tuple(result.images_nchw.shape)}; final {terms}")
 
@@ -179,56 +209,35 @@ def quantize_cmd(
     imgsz: Optional[int] = IMGSZ_OPT,
     calib: str = typer.Option(..., "--calib", help="Calibration images: a folder with images.pt (from `dgh generate`), an ImageFolder, a folder of images, or 'noise'."),
     preset: str = typer.Option(..., "--preset", help="pot (power-of-two thresholds, MCT/IMX500), paper (all layers at target bits), academic (first/last 8 bit, float output)."),
-    w_bits: int = typer.Option(8, "--w-bits", min=2, max=16, help="Weight bit-width (the x of WxAy)."),
-    a_bits: int = typer.Option(8, "--a-bits", min=2, max=16, help="Activation bit-width (the y of WxAy)."),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", min=2, max=16, help="Weight bit-width (the x of WxAy). Default 8."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", min=2, max=16, help="Activation bit-width (the y of WxAy). Default 8."),
     algorithm: Optional[str] = typer.Option(None, "--algorithm", help="minmax, mse (threshold by error minimization), adaround (layer-wise) or brecq (block-wise reconstruction). Default: mse. Reconstruction budget: --set 'reconstruction={iters: 300, act_iters: 75}' (paper code: 20000 + 5000 per block)."),
     n_calib: Optional[int] = typer.Option(None, "--n-calib", min=1, help="Use at most this many calibration images (real folders: class-balanced subset). Default: all / the source's size."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the real-image subset / noise images."),
+    calib_seed: int = typer.Option(0, "--calib-seed", help="Seed of the real-image subset / noise images (the `seed` of a params.yaml calibration set)."),
     out: Path = typer.Option(..., "--out", help="Output folder: quantized.pt, quantization_report.csv, meta.json."),
     set_: Optional[list[str]] = SET_OPT,
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
 ) -> None:
-    """Calibrate a fully quantized model (every layer, the input and the output) and save it."""
-    configure_offline()
-    from dgh.data import load_calibration_set
-    from dgh.io import write_json
-    from dgh.pipeline import config_dict
-    from dgh.quantization import (
-        QuantConfig,
-        quantize_model,
-        save_quantized,
-        write_quantization_report,
-    )
+    """Calibrate a fully quantized model (every layer, the input and the output) and save it.
 
-    fields = parse_set(set_)
-    fields.update(preset=preset, w_bits=w_bits, a_bits=a_bits)
-    if algorithm is not None:
-        fields["algorithm"] = algorithm
-    try:
-        config = QuantConfig(**fields)
-    except ValueError as exc:
-        raise CliError(f"invalid quantization setting: {_one_line(exc)}") from None
-    loaded = _load(model, weights, imgsz)
-    images = load_calibration_set(calib, loaded, n_images=n_calib, seed=seed)
-    qmodel = quantize_model(loaded, images, config, device=_device(device), progress=progress)
-    meta = {"model": model, "weights": str(weights) if weights else None, "calib": calib,
-            "n_calib": int(images.shape[0]), "quant": config_dict(config)}
-    save_quantized(qmodel, out / "quantized.pt", meta=meta)
-    write_quantization_report(qmodel, out / "quantization_report.csv")
-    write_json(meta, out / "meta.json")
-    typer.echo(f"wrote {out}/quantized.pt ({images.shape[0]} calibration images, W{w_bits}A{a_bits} {preset})")
+    --preset, --w-bits, --a-bits, --algorithm and --set KEY=VALUE are the dgh.quantization.QuantConfig fields of
+    the same names (the keys of a params.yaml experiment).
+    """
+    given = {"preset": preset, "w_bits": w_bits, "a_bits": a_bits, "algorithm": algorithm}
+    config = QuantConfig(**merge_settings(parse_set(set_), given))
+    _check_device(device)
+    check_output_dir(out)
+    with output_lock(out):
+        loaded = load_model(model, str(weights) if weights else None, imgsz)
+        images = load_calibration_set(calib, loaded, n_images=n_calib, seed=calib_seed)
+        meta = {"model": model, "weights": str(weights) if weights else None, "calib": calib}
+        quantize_to_dir(loaded, images, config, out, meta=meta, device=device, progress=progress)
+    typer.echo(f"wrote {out}/quantized.pt ({images.shape[0]} calibration images, "
+               f"W{config.w_bits}A{config.a_bits} {config.preset.value} {config.algorithm.value})")
 
 
-def _maybe_quantized(loaded, quantized: Optional[Path]):
-    if quantized is None:
-        return loaded.model
-    from dgh.quantization import load_quantized
-
-    path = quantized / "quantized.pt" if quantized.is_dir() else quantized
-    if not path.is_file():
-        raise CliError(f"--quantized: {path} not found (pass the --out folder of `dgh quantize`)")
-    return load_quantized(loaded, str(path))
+QUANTIZED_OPT = typer.Option(None, "--quantized", help="Folder (or file) from `dgh quantize`; omit to evaluate the float model.")
 
 
 @app.command("evaluate-imagenet")
@@ -236,8 +245,9 @@ def _maybe_quantized(loaded, quantized: Optional[Path]):
 def evaluate_imagenet_cmd(
     model: str = MODEL_OPT,
     weights: Optional[Path] = WEIGHTS_OPT,
-    quantized: Optional[Path] = typer.Option(None, "--quantized", help="Folder (or file) from `dgh quantize`; omit to evaluate the float model."),
-    data: Path = typer.Option(..., "--data", help="ImageFolder (ImageNet val layout: one sub-folder per class, sorted = class index)."),
+    quantized: Optional[Path] = QUANTIZED_OPT,
+    data: Path = typer.Option(..., "--data", help="ImageFolder (ImageNet val layout): one sub-folder per class, named by the model's class names (ImageNet wnids, CIFAR-10 names)."),
+    class_layout: ClassLayout = typer.Option(ClassLayout.NAMES, "--class-layout", help="names: class folders are the model's class names; numbered: folders 0..C-1 are class indices."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only this many images (deterministic subset). Default: all."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     metrics_out: Path = typer.Option(..., "--metrics-out", help="JSON file: top1, top5 (percent), n_images."),
@@ -245,15 +255,11 @@ def evaluate_imagenet_cmd(
     progress: bool = PROGRESS_OPT,
 ) -> None:
     """Top-1 / top-5 accuracy (percent) of the float or quantized classifier on an ImageFolder."""
-    configure_offline()
-    from dgh.evaluation import evaluate_classification
-    from dgh.io import write_json
-
-    loaded = _load(model, weights, None)
-    net = _maybe_quantized(loaded, quantized)
-    metrics = evaluate_classification(net, loaded.spec, str(data), limit=limit, batch_size=batch_size,
-                                      device=_device(device), progress=progress)
-    write_json(metrics, metrics_out)
+    _check_device(device)
+    _check_metrics_out(metrics_out)
+    loaded = load_model(model, str(weights) if weights else None, None)
+    metrics = evaluate_to_file(loaded, ClassificationData(data, limit, batch_size, ClassLayout(class_layout)),
+                               metrics_out, quantized=quantized, device=device, progress=progress)
     typer.echo(json.dumps(metrics))
 
 
@@ -262,7 +268,7 @@ def evaluate_imagenet_cmd(
 def evaluate_coco_cmd(
     model: str = MODEL_OPT,
     weights: Optional[Path] = WEIGHTS_OPT,
-    quantized: Optional[Path] = typer.Option(None, "--quantized", help="Folder (or file) from `dgh quantize`; omit to evaluate the float model."),
+    quantized: Optional[Path] = QUANTIZED_OPT,
     images: Path = typer.Option(..., "--images", help="Folder of images to detect on."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO instances json (original 91-id categories)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="YOLO label folder (class cx cy w h, normalized, 0..79)."),
@@ -273,18 +279,11 @@ def evaluate_coco_cmd(
     progress: bool = PROGRESS_OPT,
 ) -> None:
     """COCO mAP (pycocotools) of the float or quantized detector; letterboxed input, decoding and NMS in float."""
-    configure_offline()
-    from dgh.evaluation import evaluate_coco
-    from dgh.io import write_json
-
-    if (annotations is None) == (labels is None):
-        raise CliError("pass exactly one of --annotations INSTANCES.json or --labels YOLO_LABEL_DIR")
-    loaded = _load(model, weights, imgsz)
-    net = _maybe_quantized(loaded, quantized)
-    metrics = evaluate_coco(net, loaded, str(images), annotations=str(annotations) if annotations else None,
-                            labels=str(labels) if labels else None, imgsz=imgsz, batch_size=batch_size,
-                            device=_device(device), progress=progress)
-    write_json(metrics, metrics_out)
+    data = DetectionData(images, labels=labels, annotations=annotations, imgsz=imgsz, batch_size=batch_size)
+    _check_device(device)
+    _check_metrics_out(metrics_out)
+    loaded = load_model(model, str(weights) if weights else None, imgsz)
+    metrics = evaluate_to_file(loaded, data, metrics_out, quantized=quantized, device=device, progress=progress)
     typer.echo(json.dumps(metrics))
 
 
@@ -295,44 +294,51 @@ PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="The params file
 @friendly
 def report_cmd(params: Path = PARAMS_OPT) -> None:
     """Write reports/results.md (one table per task), accuracy.png and calibration_images.png from the metrics."""
-    configure_offline()
-    from dgh.params import load_params
-    from dgh.pipeline import project_root
-    from dgh.report import write_report
-
-    out = write_report(load_params(params), project_root(params))
+    out = run_report(open_project(params))
     typer.echo(f"wrote {out}")
 
 
 @app.command("check")
 @friendly
 def check_cmd(params: Path = PARAMS_OPT) -> None:
-    """Validate params.yaml and check that every data and weights path it names exists."""
-    from dgh.params import ParamsError, check_paths, load_params
-
+    """Validate params.yaml: every path it names exists, and every entry builds what its stage builds (model spec
+    at its imgsz, device, generation and quantization configs, class folders, detection ground truth)."""
     p = load_params(params)
-    problems = check_paths(p)
-    for line in problems:
+    problems = check_paths(p) + check_project(p)
+    for line in problems[1:]:
         typer.echo(line, err=True)
     if problems:
-        raise ParamsError(f"{len(problems)} missing path(s) in {params}; see above")
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise ParamsError(f"{params}: {problems[0]}{more}")
     n_exp = len(p.experiment_ids())
     typer.echo(f"{params}: ok ({len(p.models)} models, {len(p.generate)} calibration sets, {n_exp} experiments; "
                f"assets at {p.assets_root})")
 
 
+STAGES: dict[str, Callable[[Project, str], Path]] = {
+    "generate": run_generate,
+    "quantize": run_quantize,
+    "evaluate": run_evaluate,
+    "evaluate_imagenet_float": lambda project, model: run_evaluate_float(project, "imagenet", model),
+    "evaluate_coco_float": lambda project, model: run_evaluate_float(project, "coco", model),
+    "report": run_report,
+}
+
+
 @app.command("stage")
 @friendly
 def stage_cmd(
-    stage: str = typer.Argument(..., help="generate | quantize | evaluate_imagenet | evaluate_coco | evaluate_imagenet_float | evaluate_coco_float | report"),
-    item: Optional[str] = typer.Argument(None, help="Calibration-set id (generate), experiment id, or model key (*_float)."),
+    stage: str = typer.Argument(..., help=" | ".join(STAGES)),
+    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, evaluate) or model key (*_float)."),
     params: Path = PARAMS_OPT,
 ) -> None:
-    """Run one pipeline stage as dvc.yaml does (outputs under stages/<stage>/<id>/, MLflow run resumed)."""
-    from dgh.pipeline import run_stage
-
-    out = run_stage(stage, item, params)
-    typer.echo(f"{stage} {item or ''}: wrote {out}")
+    """Run one pipeline stage by hand (dvc.yaml runs the same functions as python -m dgh.pipeline.<stage>)."""
+    if stage not in STAGES:
+        raise CliError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    if stage != "report" and not item:
+        raise CliError(f"stage {stage!r} needs an id (a calibration set, experiment or model key)")
+    out = STAGES[stage](open_project(params), item)
+    typer.echo(f"{stage} {item}: wrote {out}")
 
 
 def main() -> None:

@@ -30,13 +30,21 @@ def resolve_device(device: str | None = None) -> torch.device:
     """Return ``torch.device(device)``, or CUDA when available and ``device`` is None/"auto", else CPU.
 
     Raises:
-        ValueError: if ``device`` names CUDA and no CUDA device is present.
+        ValueError: ``device`` is not a device string torch knows (``banana``, ``gpu0``), names an accelerator
+            type other than CPU/CUDA, or names CUDA (or a CUDA index) that is not present.
     """
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 

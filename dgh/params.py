@@ -7,10 +7,10 @@ Layout (see the file itself for the defaults and ``README.md`` for how to edit i
     models:                         # registry name -> weights file and input size
       <model>: {weights: PATH, imgsz: INT|null}
     generate:                       # calibration sets, one per model x source; produced by the `generate` stage
-      <set-id>: {model, source: dgh|batch-bns|image-bns|noise|real, n_images, iters, batch_size, seed, data, options}
+      <set-id>: {model, method: dgh|batch-bns|image-bns|noise|real, data, <any GenerationConfig field>}
     imagenet:                       # classification task (top-1 / top-5 in percent)
       eval: {<model>: {data: IMAGEFOLDER, limit, batch_size}}       # float baseline evaluated once per model
-      experiments: {<exp-id>: {model, calib: <set-id>, preset, w_bits, a_bits, algorithm, options}}
+      experiments: {<exp-id>: {model, calib: <set-id>, <any QuantConfig field: preset, w_bits, a_bits, ...>}}
     coco:                           # detection task (mAP@[.5:.95] and mAP@.5, 0-1)
       eval: {<model>: {images: DIR, labels: DIR | annotations: JSON, batch_size}}
       experiments: {...same as imagenet...}
@@ -27,7 +27,6 @@ path that does not exist (with what to do about it).
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +40,10 @@ from pydantic import (
     model_validator,
 )
 
+from dgh.data.classification import ClassLayout
 from dgh.errors import validation_error_line
+from dgh.generation.config import GenerationConfig, Method
+from dgh.quantization.config import QuantConfig
 
 ASSETS_ENV = "DGH_ASSETS"
 DEFAULT_ASSETS = "../shared/assets"
@@ -50,26 +52,6 @@ TASKS: tuple[str, ...] = ("imagenet", "coco")
 
 class ParamsError(ValueError):
     """``params.yaml`` is invalid or points at something missing. The message is one actionable line."""
-
-
-class Source(str, Enum):
-    """Where a calibration set comes from.
-
-    ``dgh`` / ``batch-bns`` / ``image-bns``: synthesized from the float model's BN statistics
-    (``dgh.generation`` presets); ``noise``: i.i.d. N(0,1) pixels in normalized space clipped to the valid range;
-    ``real``: real images from ``data`` (an ImageFolder or a folder of images).
-    """
-
-    DGH = "dgh"
-    BATCH_BNS = "batch-bns"
-    IMAGE_BNS = "image-bns"
-    NOISE = "noise"
-    REAL = "real"
-
-    @property
-    def is_generated(self) -> bool:
-        """True for the sources that run the generation engine (optimization from BN statistics)."""
-        return self in (Source.DGH, Source.BATCH_BNS, Source.IMAGE_BNS)
 
 
 class _Strict(BaseModel):
@@ -85,64 +67,106 @@ class ModelEntry(_Strict):
     imgsz: int | None = Field(None, ge=32)
 
 
+REAL = "real"
+"""The calibration source of real images (``method: real`` with a ``data`` folder); every other source is a
+:class:`~dgh.generation.Method`."""
+GENERATED_METHODS: tuple[Method, ...] = (Method.DGH, Method.BATCH_BNS, Method.IMAGE_BNS)
+REAL_KNOBS = frozenset({"n_images", "seed"})
+
+
 class GenerateEntry(_Strict):
-    """One calibration set.
+    """One calibration set: a model, a source and the :class:`~dgh.generation.GenerationConfig` fields inline.
+
+    In ``params.yaml`` every key besides ``model``, ``method`` and ``data`` is a ``GenerationConfig`` field
+    (``n_images``, ``iterations``, ``batch_size``, ``seed``, ``lr``, ``speed`` ...) with the library's defaults and
+    the method's preset (:meth:`GenerationConfig.for_method`) under the values given.
 
     Attributes:
         model: key into ``models``.
-        source: see :class:`Source`.
-        n_images: number of images N (generated, noise) or of real images taken (class-balanced, deterministic).
-        iters: generation iterations (one = one pass over all batches); generated sources only.
-        batch_size: generation batch size n (a memory knob); generated sources only.
-        seed: seeds the initialization / the real-image subset.
+        method: a :class:`~dgh.generation.Method` (``dgh`` | ``batch-bns`` | ``image-bns`` synthesize from the BN
+            statistics; ``noise`` draws N(0,1) pixels), or ``real``: ``n_images`` real images from ``data``
+            (class-balanced, deterministic in ``seed``; no other field applies).
         data: ``real`` only: the ImageFolder or image folder to draw from (asset-relative or absolute).
-        options: any further :class:`dgh.generation.GenerationConfig` field (``lr``, ``lambda_sigma``,
-            ``output_loss_weight``, ``speed`` ...), validated by that class.
+        config: the validated generation config (for ``real``/``noise`` only ``n_images`` and ``seed`` are used).
     """
 
     model: str
-    source: Source
-    n_images: int = Field(256, ge=1)
-    iters: int = Field(200, ge=0)
-    batch_size: int = Field(128, ge=1)
-    seed: int = 0
+    method: Method | Literal["real"]
     data: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    config: GenerationConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embed_config(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "config" in data:
+            return data
+        own = {k: data[k] for k in ("model", "method", "data") if k in data}
+        knobs = {k: v for k, v in data.items() if k not in own}
+        method = own.get("method")
+        if method is None:
+            raise ValueError("`method` is required: dgh | batch-bns | image-bns | noise | real")
+        if method in (REAL, Method.NOISE.value, Method.NOISE):
+            extra = sorted(set(knobs) - REAL_KNOBS)
+            if extra:
+                raise ValueError(f"method {method!r} takes only n_images and seed, not {', '.join(extra)}")
+            method = Method.NOISE
+        try:
+            preset = GenerationConfig.for_method(method).model_dump()
+        except ValueError:
+            preset = {}  # an unknown method: the `method` field reports it
+        own["config"] = {**preset, **knobs}  # validated as GenerationConfig: errors name generate.<id>.config.<key>
+        return own
 
     @model_validator(mode="after")
     def _data_for_real(self) -> GenerateEntry:
-        if self.source is Source.REAL and not self.data:
-            raise ValueError("source 'real' needs a `data` path (an ImageFolder or a folder of images)")
-        if self.source is not Source.REAL and self.data:
-            raise ValueError(f"`data` is only used with source 'real', not {self.source.value!r}")
+        if self.method == REAL and not self.data:
+            raise ValueError("method 'real' needs a `data` path (an ImageFolder or a folder of images)")
+        if self.method != REAL and self.data:
+            raise ValueError(f"`data` is only used with method 'real', not {self.source!r}")
         return self
 
+    @property
+    def source(self) -> str:
+        """The source name: the method's value or ``real``."""
+        return self.method.value if isinstance(self.method, Method) else REAL
 
-class ExperimentEntry(_Strict):
-    """One quantization experiment: a model, a calibration set and a quantization setting.
+    @property
+    def is_generated(self) -> bool:
+        """True for the methods that run the generation engine (optimization from BN statistics)."""
+        return self.method in GENERATED_METHODS
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The set as ``params.yaml`` would spell it (inline config fields; ``real``: only n_images and seed)."""
+        cfg = self.config.model_dump(mode="json")
+        if not self.is_generated:
+            cfg = {k: cfg[k] for k in sorted(REAL_KNOBS)}
+        cfg.pop("method", None)
+        out = {"model": self.model, "method": self.source, **cfg}
+        if self.data:
+            out["data"] = self.data
+        return out
+
+
+class ExperimentEntry(QuantConfig):
+    """One quantization experiment: a model, a calibration set and the :class:`~dgh.quantization.QuantConfig`
+    fields inline (``preset``, ``w_bits``, ``a_bits``, ``algorithm``, ``reconstruction`` ...; the library's defaults).
 
     Attributes:
         model: key into ``models``.
         calib: key into ``generate`` (a calibration set of the same model).
-        preset: quantization preset: ``pot`` (power-of-two thresholds, MCT/IMX500), ``paper`` (all layers at
-            the target bit-width, BRECQ-style quantizers) or ``academic`` (first/last layer 8 bit, float output).
-        w_bits, a_bits: weight / activation bit-widths (the WxAy setting).
-        algorithm: PTQ algorithm: ``minmax`` | ``mse`` | ``adaround`` | ``brecq``.
-        options: any further :class:`dgh.quantization.QuantConfig` field, validated by that class.
     """
 
     model: str
     calib: str
-    preset: str = "pot"
-    w_bits: int = Field(8, ge=2, le=16)
-    a_bits: int = Field(8, ge=2, le=16)
-    algorithm: str = "mse"
-    options: dict[str, Any] = Field(default_factory=dict)
+
+    def quant_config(self) -> QuantConfig:
+        """The plain :class:`QuantConfig` of this experiment (without ``model``/``calib``)."""
+        return QuantConfig(**self.model_dump(exclude={"model", "calib"}))
 
     @property
     def setting(self) -> str:
         """The column key of the results table: ``W8A8 pot mse``."""
-        return f"W{self.w_bits}A{self.a_bits} {self.preset} {self.algorithm}"
+        return f"W{self.w_bits}A{self.a_bits} {self.preset.value} {self.algorithm.value}"
 
 
 class ImagenetData(_Strict):
@@ -152,6 +176,7 @@ class ImagenetData(_Strict):
     data: str
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
+    class_layout: ClassLayout = ClassLayout.NAMES  # names: folders are class names; numbered: folders 0..C-1
 
 
 class CocoData(_Strict):
@@ -374,5 +399,3 @@ def check_paths(params: Params) -> list[str]:
         probe(c.annotations, f"coco.eval.{model}.annotations", "COCO instances json")
     return problems
 
-
-TaskName = Literal["imagenet", "coco"]

@@ -23,8 +23,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dgh.io import atomic_write, write_json, write_text
-from dgh.params import Params, Source
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+
+from dgh.io import atomic_write, load_images, write_json, write_text
+from dgh.layout import StageLayout, float_id
+from dgh.models import get_spec
+from dgh.params import REAL, Params
+from dgh.tracking import git_commit
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the Agg backend must be chosen before pyplot is imported
 
 SOURCE_ORDER: tuple[str, ...] = ("float", "real", "dgh", "batch-bns", "image-bns", "noise")
 PRIMARY = {"imagenet": ("top1", "top-1 (%)", 2, 1.0), "coco": ("map", "mAP@[.5:.95] (0-1)", 3, 1.0)}
@@ -64,11 +75,12 @@ def _finite(x: Any) -> float | None:
 def collect(params: Params, root: Path) -> list[Cell]:
     """Every cell the report shows, read from the stage outputs under ``root`` (missing metrics -> value None)."""
     cells: list[Cell] = []
+    layout = StageLayout(root)
     for task in ("imagenet", "coco"):
         section = getattr(params, task)
         key = PRIMARY[task][0]
         for model in section.eval:
-            fm = _read_metrics(root / "stages" / f"evaluate_{task}" / f"{model}-float" / "metrics.json")
+            fm = _read_metrics(layout.metrics_file(task, float_id(model)))
             fval = _finite(fm.get(key)) if fm else None
             cells.append(Cell(task, model, f"{model}-float", "float", "float", fval, 0.0 if fval is not None else None,
                               fm or {}))
@@ -76,13 +88,13 @@ def collect(params: Params, root: Path) -> list[Cell]:
             sets_per_source: dict[str, set[str]] = {}
             for e in section.experiments.values():
                 if e.model == model:
-                    sets_per_source.setdefault(params.generate[e.calib].source.value, set()).add(e.calib)
+                    sets_per_source.setdefault(params.generate[e.calib].source, set()).add(e.calib)
             for eid, e in section.experiments.items():
                 if e.model != model:
                     continue
-                src = params.generate[e.calib].source.value
+                src = params.generate[e.calib].source
                 row = src if len(sets_per_source[src]) == 1 else f"{src} ({e.calib})"
-                m = _read_metrics(root / "stages" / f"evaluate_{task}" / eid / "metrics.json")
+                m = _read_metrics(layout.metrics_file(task, eid))
                 val = _finite(m.get(key)) if m else None
                 delta = val - fval if (val is not None and fval is not None) else None
                 cells.append(Cell(task, model, eid, row, e.setting, val, delta, m or {}))
@@ -146,12 +158,16 @@ def dgh_comparison_markdown(cells: list[Cell], task: str, model: str) -> str:
 
 def _set_description(params: Params, set_id: str) -> str:
     g = params.generate[set_id]
-    if g.source is Source.REAL:
-        return f"{g.n_images} real images from `{g.data}` (seed {g.seed})"
-    if g.source is Source.NOISE:
-        return f"{g.n_images} N(0,1) noise images clipped to the pixel range (seed {g.seed})"
-    extra = f", options {g.options}" if g.options else ""
-    return f"{g.n_images} images x {g.iters} iterations, batch {g.batch_size}, seed {g.seed}{extra}"
+    c = g.config
+    if g.method == REAL:
+        return f"{c.n_images} real images from `{g.data}` (seed {c.seed})"
+    if not g.is_generated:
+        return f"{c.n_images} N(0,1) noise images clipped to the pixel range (seed {c.seed})"
+    preset = type(c).for_method(c.method).model_dump(mode="json")
+    changed = {k: v for k, v in c.model_dump(mode="json").items()
+               if k not in ("method", "n_images", "iterations", "batch_size", "seed") and v != preset[k]}
+    extra = f", options {changed}" if changed else ""
+    return f"{c.n_images} images x {c.iterations} iterations, batch {c.batch_size}, seed {c.seed}{extra}"
 
 
 def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") -> str:
@@ -185,7 +201,7 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") 
                 out += ["DGH against the other calibration sources (positive = DGH higher):", "", comparison, ""]
             used = list(dict.fromkeys(e.calib for e in section.experiments.values() if e.model == model))
             for sid in used:
-                out.append(f"- `{sid}` ({params.generate[sid].source.value}): {_set_description(params, sid)}")
+                out.append(f"- `{sid}` ({params.generate[sid].source}): {_set_description(params, sid)}")
             out.append("")
     out += ["## Figures", "", "![accuracy by calibration source](accuracy.png)", "",
             "![generated calibration images next to real images](calibration_images.png)", ""]
@@ -194,11 +210,6 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") 
 
 def plot_accuracy(cells: list[Cell]) -> bytes:
     """PNG bytes: one panel per (task, model), grouped bars per setting, one bar per source, float dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(dict.fromkeys((c.task, c.model) for c in cells))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.2), squeeze=False)
     for ax, (task, model) in zip(axes[0], panels):
@@ -235,10 +246,6 @@ def plot_accuracy(cells: list[Cell]) -> bytes:
 
 def _real_images(folder: Path, k: int, size: tuple[int, int]):
     """Up to ``k`` real images (spread over sub-folders/classes), resized to ``size`` (H, W), as (k,3,H,W) in [0,1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
     exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
     if not files:
@@ -255,14 +262,7 @@ def _real_images(folder: Path, k: int, size: tuple[int, int]):
 
 def plot_images(params: Params, root: Path, k: int) -> bytes | None:
     """PNG bytes: per model, one row per generated calibration set (first ``k`` images) and one of real images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from dgh.models import get_spec
-
+    layout = StageLayout(root)
     rows: list[tuple[str, Any]] = []
     for model_key, entry in params.models.items():
         try:
@@ -273,17 +273,13 @@ def plot_images(params: Params, root: Path, k: int) -> bytes | None:
         for sid, g in params.generate.items():
             if g.model != model_key:
                 continue
-            if g.source.is_generated:
-                path = root / "stages" / "generate" / sid / "images.pt"
+            if g.is_generated:
+                path = layout.images_file(sid)
                 if not path.is_file():
                     continue
-                imgs = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(imgs, dict):
-                    imgs = imgs.get("images_nchw", imgs.get("images"))
-                if not torch.is_tensor(imgs):
-                    continue
-                rows.append((f"{model_key}\n{g.source.value}", spec.denormalize(imgs[:k].float()).clamp(0, 1)))
-            elif g.source is Source.REAL:
+                imgs = load_images(path)
+                rows.append((f"{model_key}\n{g.source}", spec.denormalize(imgs[:k]).clamp(0, 1)))
+            elif g.method == REAL:
                 folder = params.resolve(g.data) if g.data else None
                 if folder is not None and folder.is_dir():
                     real = _real_images(folder, k, size)
@@ -313,8 +309,6 @@ def write_report(params: Params, root: str | Path) -> Path:
     Returns:
         the path of ``results.md``.
     """
-    from dgh.tracking import git_commit
-
     root = Path(root)
     out_dir = root / params.report.out_dir
     cells = collect(params, root)
@@ -325,11 +319,6 @@ def write_report(params: Params, root: str | Path) -> Path:
     atomic_write(out_dir / "accuracy.png", lambda p: p.write_bytes(png))
     grid = plot_images(params, root, params.report.grid_images)
     if grid is None:  # nothing generated yet: an explicit placeholder keeps the declared output present
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig = plt.figure(figsize=(4, 1))
         fig.text(0.5, 0.5, "no calibration images yet", ha="center")
         buf = io.BytesIO()

@@ -11,28 +11,98 @@
   ``generate/<set-id>`` with the loss terms per iteration as step metrics.
 
 The client object is passed around explicitly (no module-level state), so tests can point it at a temporary db.
+
+Concurrency (``dvc exp run --jobs N``, ``dvc queue``): opening a sqlite store creates or migrates its schema, which
+is not safe from several processes at once; it runs under a file lock ``<db>.lock`` (filelock), as does creating an
+MLflow experiment. Writes that meet sqlite's "database is locked" are retried for a few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
-from dgh.env import configure_offline
+from filelock import FileLock, Timeout
+
 
 TAG_KEY = "dgh.run_key"
 TAG_KIND = "dgh.kind"  # experiment | float | generation
-TAG_STAGE = "dgh.stage"
 MAX_BATCH = 900  # MLflow log_batch accepts at most 1000 metrics per call
+
+
+STORE_LOCK_TIMEOUT_S = 300.0  # creating/migrating a fresh store takes seconds; a stale lock file is never held
+RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0)  # sqlite "database is locked" retries (about 8 s in all)
 
 
 class TrackingError(ValueError):
     """The tracking store could not be opened or written. One line."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI, or None for other stores (and in-memory sqlite)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path or parsed.path in ("/", "/:memory:"):
+        return None
+    return Path(unquote(parsed.path))
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold the inter-process lock ``<db>.lock`` of a sqlite store (no-op for other stores).
+
+    Raises:
+        TrackingError: the lock was not obtained within :data:`STORE_LOCK_TIMEOUT_S`.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise TrackingError(f"another process has held {lock.lock_file} for {STORE_LOCK_TIMEOUT_S:.0f} s; "
+                            "is a stage stuck?") from None
+
+
+def _is_lock_contention(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def with_retry(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried after :data:`RETRY_DELAYS_S` pauses while sqlite reports lock contention."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if delay is None or not _is_lock_contention(exc):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class _RetryingClient:
+    """An :class:`mlflow.tracking.MlflowClient` whose method calls go through :func:`with_retry`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: with_retry(attr, *args, **kwargs)
 
 
 def default_tracking_uri(project_root: str | os.PathLike) -> str:
@@ -100,15 +170,19 @@ class Tracker:
     commit: str = "unknown"
 
     def __post_init__(self) -> None:
-        configure_offline()
         from mlflow.tracking import (
             MlflowClient,  # slow import; only when tracking is used
         )
 
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            with store_lock(self.uri):  # opening a sqlite store creates or migrates its tables
+                client = MlflowClient(tracking_uri=self.uri)
+                client.search_experiments(max_results=1)  # make sure the store is built now, inside the lock
+        except TrackingError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise TrackingError(f"cannot open MLflow store {self.uri}: {str(exc).splitlines()[0][:200]}") from None
+        self.client = _RetryingClient(client)
 
     @classmethod
     def for_project(cls, project_root: str | os.PathLike) -> Tracker:
@@ -118,12 +192,19 @@ class Tracker:
 
     # -------------------------------------------------------------------------------------------- runs
     def experiment_id(self, name: str) -> str:
-        """Id of the MLflow experiment ``name``, created (artifacts under ``artifact_root/name``) if absent."""
+        """Id of the MLflow experiment ``name``, created (artifacts under ``artifact_root/name``) if absent.
+
+        Creation runs under the store lock, so two stages that start together create it once.
+        """
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = (self.artifact_root / name).resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        with store_lock(self.uri):
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            location = (self.artifact_root / name).resolve().as_uri()
+            return self.client.create_experiment(name, artifact_location=location)
 
     def find_run(self, experiment: str, run_key: str) -> str | None:
         """The newest run of ``experiment`` tagged ``dgh.run_key = run_key``, or None."""
@@ -195,8 +276,6 @@ class Tracker:
 
     def log_history(self, run_id: str, history: Iterable[tuple[int, Mapping[str, float]]], prefix: str = "") -> int:
         """Log step metrics ``[(step, {name: value})...]`` with :meth:`MlflowClient.log_batch`; returns the count."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from dgh.cli import CliError, app, parse_set
+from dgh.io import load_images
 
 runner = CliRunner()
 
@@ -26,7 +27,7 @@ def plain(text: str) -> str:
 @pytest.mark.parametrize(
     "command, must_mention",
     [
-        ("generate", ["--model", "--weights", "--out", "--method", "--n-images", "--iters", "--batch-size", "--seed",
+        ("generate", ["--model", "--weights", "--out", "--method", "--n-images", "--iterations", "--batch-size", "--seed",
                       "--lr", "--lambda-sigma", "--output-loss", "--canvas-pad", "pixels", "Default 1000"]),
         ("quantize", ["--calib", "--preset", "--w-bits", "--a-bits", "--algorithm", "--out", "power-of-two"]),
         ("evaluate-imagenet", ["--quantized", "--data", "--metrics-out", "percent"]),
@@ -98,7 +99,7 @@ def _tiny_image_folder(root: Path) -> Path:
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
-    from dgh.models.registry import CIFAR10_CLASSES
+    from dgh.models.cifar_resnet import CIFAR10_CLASSES
 
     for name in CIFAR10_CLASSES:  # the model's 10 classes, one image each
         (root / name).mkdir(parents=True)
@@ -120,8 +121,7 @@ def test_generate_quantize_evaluate_roundtrip(tmp_path):
                               "--n-images", "4", "--iters", "2", "--batch-size", "2", "--no-progress",
                               "--device", "cpu"])
     assert res.exit_code == 0, res.output + res.stderr
-    images = torch.load(gen / "images.pt", weights_only=True)
-    images = images if torch.is_tensor(images) else images["images_nchw"]
+    images = load_images(gen / "images.pt")
     assert tuple(images.shape) == (4, 3, 32, 32) and torch.isfinite(images).all()
     assert json.loads((gen / "meta.json").read_text())
 

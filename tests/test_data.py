@@ -125,9 +125,12 @@ def test_calibration_noise_and_tensor_files(tmp_path: Path) -> None:
     torch.save(noise, tmp_path / "images.pt")
     assert torch.equal(load_calibration_set(tmp_path, loaded), noise)  # folder holding images.pt
     assert torch.equal(load_calibration_set(tmp_path / "images.pt", loaded, n_images=3), noise[:3])
-    torch.save({"images_nchw": noise[:, :, :16, :16]}, tmp_path / "small.pt")
+    torch.save(noise[:, :, :16, :16], tmp_path / "small.pt")
     with pytest.raises(DatasetError, match="takes"):
         load_calibration_set(tmp_path / "small.pt", loaded)
+    torch.save({"images_nchw": noise}, tmp_path / "dict.pt")  # images.pt is a bare tensor (dgh.io.save_images)
+    with pytest.raises(DatasetError, match=r"\(N, 3, H, W\)"):
+        load_calibration_set(tmp_path / "dict.pt", loaded)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         load_calibration_set(tmp_path / "empty", loaded)

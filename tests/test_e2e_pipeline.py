@@ -2,7 +2,7 @@
 
 Asserts that every stage wrote real metrics (finite, in range), that the report holds every cell, that MLflow has
 one run per experiment with its metrics, params, tags and artifacts plus the float and generation runs, and that
-editing one calibration set's `iters` makes `dvc status` list exactly that set's downstream stages.
+editing one calibration set's `iterations` or one dgh module makes `dvc status` list exactly the stages that read it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def tiny_params(assets: Path, val_dir: Path) -> dict:
     r20, y5 = "resnet20_cifar10", "yolov5n"
     fast = {"n_candidates": 16, "samples_per_site": 4096}  # a coarse threshold search: seconds, not minutes
     exp = lambda m, c, w: {"model": m, "calib": c, "preset": "pot", "w_bits": w, "a_bits": 8,  # noqa: E731
-                           "algorithm": "mse", "options": fast}
+                           "algorithm": "mse", **fast}
     return {
         "assets": str(assets),
         "device": "cpu",
@@ -37,10 +37,10 @@ def tiny_params(assets: Path, val_dir: Path) -> dict:
         "models": {r20: {"weights": "cifar10/models/resnet20-12fca82f.th"},
                    y5: {"weights": "coco/models/yolov5n.pt", "imgsz": 128}},
         "generate": {
-            "r20-real": {"model": r20, "source": "real", "data": "cifar10/train-subset", "n_images": 40},
-            "r20-dgh": {"model": r20, "source": "dgh", "n_images": 16, "iters": 3, "batch_size": 8},
-            "r20-noise": {"model": r20, "source": "noise", "n_images": 16},
-            "y5-dgh": {"model": y5, "source": "dgh", "n_images": 2, "iters": 2, "batch_size": 2},
+            "r20-real": {"model": r20, "method": "real", "data": "cifar10/train-subset", "n_images": 40},
+            "r20-dgh": {"model": r20, "method": "dgh", "n_images": 16, "iterations": 3, "batch_size": 8},
+            "r20-noise": {"model": r20, "method": "noise", "n_images": 16},
+            "y5-dgh": {"model": y5, "method": "dgh", "n_images": 2, "iterations": 2, "batch_size": 2},
         },
         "imagenet": {
             "eval": {r20: {"data": "cifar10/test", "limit": 200, "batch_size": 100}},
@@ -149,7 +149,7 @@ def test_mlflow_runs_hold_real_values(project):
     tags = run.data.tags
     assert (tags["dgh.preset"], tags["dgh.bits"], tags["dgh.calib"], tags["dgh.algorithm"]) == ("pot", "W4A8", "dgh", "mse")
     assert tags["dgh.stage"] == "evaluate_imagenet" and len(tags["dgh.git_commit"]) >= 40
-    assert run.data.params["quant.w_bits"] == "4" and run.data.params["calib.iters"] == "3"
+    assert run.data.params["quant.w_bits"] == "4" and run.data.params["calib.iterations"] == "3"
     assert [m.step for m in client.get_metric_history(rid, "gen.loss")] == [1, 2, 3]
     arts = {a.path for a in client.list_artifacts(rid, "quantization")}
     assert "quantization/quantized.pt" in arts and "quantization/quantization_report.csv" in arts
@@ -163,26 +163,52 @@ def test_mlflow_runs_hold_real_values(project):
     assert 0.0 <= drun.data.metrics["map"] <= 1.0
 
 
+def _status(root: Path, env: dict) -> dict:
+    """`dvc status --json` without the `inputs` stage (always changed: it re-hashes the assets on every repro)."""
+    status = json.loads(run(["dvc", "status", "--json"], root, env).stdout or "{}")
+    assert status.pop("inputs", ["always changed"]) == ["always changed"]
+    return status
+
+
+@pytest.mark.e2e
+def test_editing_a_module_marks_exactly_the_stages_that_import_it(project):
+    """An edit to dgh/io.py (imported by every stage) or dgh/evaluation/coco.py (evaluation stages only) shows in
+    `dvc status` for exactly those stages; undoing it makes the pipeline clean again."""
+    root, env = project
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    assert _status(root, env) == {}
+    for module, groups in (("dgh/io.py", set(dvc)),
+                           ("dgh/evaluation/coco.py", {g for g in dvc if g.startswith("evaluate_")})):
+        path = root / module
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        status = _status(root, env)
+        assert {name.split("@")[0] for name in status} == groups - {"inputs"}, (module, sorted(status))
+        path.write_text(original)
+        assert _status(root, env) == {}
+
+
 @pytest.mark.e2e
 def test_editing_one_generation_knob_reruns_only_its_downstream(project):
-    """Runs last (it changes the project): iters of one calibration set 3 -> 4, then `dvc status` and `dvc repro`."""
+    """Runs last (it changes the project): iterations of one set 3 -> 4, then `dvc status` and `dvc repro`."""
     import re
 
     root, env = project
-    assert json.loads(run(["dvc", "status", "--json"], root, env).stdout or "{}") == {}
+    assert _status(root, env) == {}
     params_path = root / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
-    params["generate"]["r20-dgh"]["iters"] = 4
+    params["generate"]["r20-dgh"]["iterations"] = 4
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(run(["dvc", "status", "--json"], root, env).stdout)
-    # the stages that read that entry: its generation, the quantizations calibrated with it, the report
+    status = _status(root, env)
+    # the stages that read that entry: its generation, the experiments calibrated with it, the report
     assert set(status) == {"generate@r20-dgh", "quantize_imagenet@r20-dgh-w8a8", "quantize_imagenet@r20-dgh-w4a8",
-                           "report"}, status
+                           "evaluate_imagenet@r20-dgh-w8a8", "evaluate_imagenet@r20-dgh-w4a8", "report"}, status
     assert "generate.r20-dgh" in json.dumps(status["generate@r20-dgh"])
     untouched = {p: p.stat().st_mtime_ns for p in (root / "stages").rglob("metrics.json")}
     out = run(["dvc", "repro"], root, env).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert ran == {
+        "inputs",
         "generate@r20-dgh",
         "quantize_imagenet@r20-dgh-w8a8",
         "quantize_imagenet@r20-dgh-w4a8",

@@ -120,12 +120,13 @@ def test_evaluate_classification_known_answer(tmp_path: Path) -> None:
     _write(tmp_path / "b_dark" / "0.png", 8, 8, 5)
     _write(tmp_path / "b_dark" / "1.png", 8, 8, 250)  # misclassified
     spec = ModelSpec(name="toy", family="test", task="classification", input_size=(8, 8), mean=(0.5,) * 3,
-                     std=(0.5,) * 3, num_classes=2)
+                     std=(0.5,) * 3, num_classes=2, class_names=("a_bright", "b_dark"))
     metrics = evaluate_classification(_Brightness(), spec, tmp_path, batch_size=2, progress=False)
     assert (metrics["top1_correct"], metrics["n_images"]) == (4, 5)
     assert metrics["top1"] == pytest.approx(80.0) and metrics["top5"] == pytest.approx(100.0)
     limited = evaluate_classification(_Brightness(), spec, tmp_path, limit=2, progress=False)
     assert (limited["n_images"], limited["top1_correct"]) == (2, 2)  # a/0 and b/0
-    with pytest.raises(DatasetError, match="2 class folders but big predicts 10"):
+    with pytest.raises(DatasetError, match="'a_bright' names no class of big"):
         evaluate_classification(_Brightness(), ModelSpec(name="big", family="t", task="classification",
-                                                          input_size=(8, 8), num_classes=10), tmp_path)
+                                                          input_size=(8, 8), num_classes=10,
+                                                          class_names=tuple("abcdefghij")), tmp_path)

@@ -1,4 +1,4 @@
-"""Real-asset accuracy on CI-sized subsets; expected values measured once with this code (see issue 2's note).
+"""Real-asset accuracy on CI-sized subsets; expected values measured once with this code.
 
 Full-size references (assets README): ResNet-20 81.03 % on 10,000 JPEGs (this code: 8103 / 10000 correct);
 YOLOv5n val2017-128 @640 mAP 0.340 / 0.522 (this code: 0.3392 / 0.5230).

@@ -1,4 +1,4 @@
-"""Known-answer tests of the generation engine (issue 3, "Must show"). Tiny models built in code, CPU, seconds."""
+"""Known-answer tests of the generation engine. Tiny models built in code, CPU, seconds."""
 
 from __future__ import annotations
 

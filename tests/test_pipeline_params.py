@@ -18,8 +18,8 @@ def minimal() -> dict:
         "assets": "assets",
         "models": {"resnet20_cifar10": {"weights": "w.th"}},
         "generate": {
-            "r20-dgh": {"model": "resnet20_cifar10", "source": "dgh", "n_images": 8, "iters": 2},
-            "r20-real": {"model": "resnet20_cifar10", "source": "real", "data": "train", "n_images": 8},
+            "r20-dgh": {"model": "resnet20_cifar10", "method": "dgh", "n_images": 8, "iterations": 2},
+            "r20-real": {"model": "resnet20_cifar10", "method": "real", "data": "train", "n_images": 8},
         },
         "imagenet": {
             "eval": {"resnet20_cifar10": {"data": "test"}},
@@ -40,17 +40,17 @@ def test_repo_params_yaml_is_valid_and_consistent():
 
 def test_unknown_key_is_named(tmp_path):
     data = minimal()
-    data["generate"]["r20-dgh"]["iter"] = 5  # typo of iters
+    data["generate"]["r20-dgh"]["iter"] = 5  # typo of iterations
     with pytest.raises(ParamsError) as exc:
         parse_params(data, tmp_path)
     msg = str(exc.value)
-    assert "generate.r20-dgh.iter" in msg and "unknown key" in msg and "\n" not in msg
+    assert "generate.r20-dgh.config.iter" in msg and "unknown key" in msg and "\n" not in msg
 
 
 def test_wrong_type_is_named(tmp_path):
     data = minimal()
-    data["generate"]["r20-dgh"]["iters"] = "many"
-    with pytest.raises(ParamsError, match=r"generate\.r20-dgh\.iters"):
+    data["generate"]["r20-dgh"]["iterations"] = "many"
+    with pytest.raises(ParamsError, match=r"generate\.r20-dgh\.config\.iterations"):
         parse_params(data, tmp_path)
 
 
@@ -125,11 +125,12 @@ def test_dvc_yaml_matches_params():
         "evaluate_imagenet_float": ("${imagenet.eval}", set(params.imagenet.eval)),
         "evaluate_coco_float": ("${coco.eval}", set(params.coco.eval)),
     }
-    assert set(dvc) == set(expected) | {"report"}
+    assert set(dvc) == set(expected) | {"inputs", "report"}
     for name, (foreach, _) in expected.items():
         assert dvc[name]["foreach"] == foreach, name
-        stage_arg = name.replace("quantize_imagenet", "quantize").replace("quantize_coco", "quantize")
-        assert dvc[name]["do"]["cmd"] == f"python -m dgh.cli stage {stage_arg} ${{key}}"
+        module = name.split("_")[0]
+        item = f"{name.split('_')[1]}:${{key}}" if name.endswith("_float") else "${key}"
+        assert dvc[name]["do"]["cmd"] == f"python -m dgh.pipeline.{module} {item}"
     # generated sets are shared: quantize depends on the calibration set's folder, not on a copy
     assert "stages/generate/${item.calib}" in dvc["quantize_imagenet"]["do"]["deps"]
     assert "generate.${key}" in dvc["generate"]["do"]["params"]
@@ -140,7 +141,7 @@ def test_paper_scale_params_validate(monkeypatch):
     monkeypatch.delenv("DGH_ASSETS", raising=False)
     params = load_params(REPO / "params.paper.yaml")
     by_id = {eid: params.experiment(eid) for eid in params.experiment_ids()}
-    assert {(e.preset, e.w_bits, e.a_bits, e.algorithm) for e in by_id.values()} >= {
+    assert {(e.preset.value, e.w_bits, e.a_bits, e.algorithm.value) for e in by_id.values()} >= {
         ("paper", 4, 4, "brecq"), ("pot", 8, 8, "mse"), ("pot", 4, 8, "mse")}
-    dgh_sets = [g for g in params.generate.values() if g.source.value == "dgh"]
-    assert all((g.n_images, g.iters) == (1024, 1000) for g in dgh_sets)
+    dgh_sets = [g for g in params.generate.values() if g.source == "dgh"]
+    assert all((g.config.n_images, g.config.iterations) == (1024, 1000) for g in dgh_sets)

@@ -1,6 +1,6 @@
 """BRECQ / AdaRound reconstruction on whole quantized models (Li et al. 2021; Nagel et al. 2020).
 
-Quantized models come from engineer 3's ``quantize_model`` / ``build_quantized_model``; tiny models with random
+Quantized models come from ``quantize_model`` / ``build_quantized_model``; tiny models with random
 weights (non-trivial BN statistics) and random images keep every test at CPU-seconds.
 """
 

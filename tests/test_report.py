@@ -17,10 +17,10 @@ def _params(tmp_path: Path):
         "assets": str(tmp_path / "assets"),
         "models": {"resnet20_cifar10": {"weights": "w.th"}, "yolov5n": {"weights": "y.pt", "imgsz": 64}},
         "generate": {
-            "r-real": {"model": "resnet20_cifar10", "source": "real", "data": "train", "n_images": 4},
-            "r-dgh": {"model": "resnet20_cifar10", "source": "dgh", "n_images": 4, "iters": 1},
-            "r-noise": {"model": "resnet20_cifar10", "source": "noise", "n_images": 4},
-            "y-dgh": {"model": "yolov5n", "source": "dgh", "n_images": 2, "iters": 1},
+            "r-real": {"model": "resnet20_cifar10", "method": "real", "data": "train", "n_images": 4},
+            "r-dgh": {"model": "resnet20_cifar10", "method": "dgh", "n_images": 4, "iterations": 1},
+            "r-noise": {"model": "resnet20_cifar10", "method": "noise", "n_images": 4},
+            "y-dgh": {"model": "yolov5n", "method": "dgh", "n_images": 2, "iterations": 1},
         },
         "imagenet": {
             "eval": {"resnet20_cifar10": {"data": "test"}},
@@ -70,7 +70,8 @@ def test_tables_show_metric_and_delta_to_float(tmp_path):
     assert det[3] == "| dgh | 0.270 (-0.018) |"
 
 
-def test_write_report_outputs(tmp_path):
+def test_write_report_outputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("DGH_ASSETS", raising=False)  # the real images live under this test's own assets folder
     params = _params(tmp_path)
     _write(tmp_path, "imagenet", "resnet20_cifar10-float", {"top1": 81.0, "top5": 99.0, "n_images": 100})
     _write(tmp_path, "imagenet", "r-dgh-w8", {"top1": 80.0, "top5": 99.0, "n_images": 100})

@@ -103,3 +103,38 @@ def test_mlflow_server_rest_api_returns_experiment_metrics(tracker, tmp_path):
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         log.close()
+
+
+def _concurrent_stage(db: str, artifacts: str, index: int, start) -> None:  # noqa: ANN001 - multiprocessing Event
+    """One pipeline stage in its own process: open the store, start a run, log, finish."""
+    from mlflow.tracking import MlflowClient  # noqa: F401 - imported before the start signal: all stages race
+
+    start.wait(60)
+    tracker = Tracker(uri=f"sqlite:///{db}", artifact_root=Path(artifacts), commit="abc")
+    run_id = tracker.start_run("resnet20_cifar10", f"exp-{index}", fresh=True, tags={"dgh.stage": "quantize"},
+                               params={"quant": {"w_bits": index}})
+    tracker.log_metrics(run_id, {"top1": float(index)})
+    tracker.finish(run_id)
+
+
+def test_four_stages_at_once_on_a_fresh_store(tmp_path):
+    """`dvc exp run --jobs 4` starts stages together; the first ones create the sqlite schema at the same time."""
+    import multiprocessing as mp
+
+    from mlflow.tracking import MlflowClient  # noqa: F401 - imported once here; forked stages start at once
+
+    ctx = mp.get_context("fork")  # separate processes and sqlite connections, without re-importing MLflow
+    start = ctx.Event()
+    db = tmp_path / "mlflow.db"
+    procs = [ctx.Process(target=_concurrent_stage, args=(str(db), str(tmp_path / "art"), i, start)) for i in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(1)  # every process is waiting on the start signal
+    start.set()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    tracker = Tracker(uri=f"sqlite:///{db}", artifact_root=tmp_path / "art", commit="abc")
+    found = {i: tracker.find_run("resnet20_cifar10", f"exp-{i}") for i in range(4)}
+    assert all(found.values())
+    assert [tracker.client.get_run(found[i]).data.metrics["top1"] for i in range(4)] == [0.0, 1.0, 2.0, 3.0]

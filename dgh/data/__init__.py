@@ -4,7 +4,7 @@ Every loader returns tensors in the model's normalized input space (``LoadedMode
 :class:`DatasetError` (a ``ValueError``) with a one-line message on bad input.
 """
 
-from dgh.data.calibration import load_calibration_set, noise_images
+from dgh.data.calibration import load_calibration_set, noise_images, validate_calibration_images
 from dgh.data.classification import (
     ImageFolderDataset,
     balanced_subset,
@@ -36,5 +36,6 @@ __all__ = [
     "map_classes_to_categories",
     "noise_images",
     "scan_image_folder",
+    "validate_calibration_images",
     "yolo_labels_to_coco",
 ]

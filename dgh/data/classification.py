@@ -1,12 +1,16 @@
-"""ImageFolder classification data: ``root/<class>/<image>``, sorted class folders -> index 0..C-1.
+"""ImageFolder classification data: ``root/<class>/<image>``, each class folder mapped to a class index by name.
 
-This is the ImageNet-val layout after the usual re-layout and the CIFAR-10 test JPEG layout (torchvision
-``ImageFolder`` class ordering).
+Class folders are matched to the model's class names (:attr:`dgh.models.spec.ModelSpec.class_names`): the CIFAR-10
+names for the CIFAR ResNets, the ImageNet wnids (``n01440764`` ...) for ImageNet models. This is the ImageNet-val
+layout after the usual re-layout and the CIFAR-10 test JPEG layout. A folder that names no class is an error (never
+a position in sort order); a subset of the classes is fine. A numbered layout (folders ``0`` .. ``C-1``, the class
+index itself) is used only when asked for (:attr:`ClassLayout.NUMBERED`).
 """
 
 from __future__ import annotations
 
 import random
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -20,8 +24,58 @@ from dgh.data.images import (
 )
 
 
+class ClassLayout(str, Enum):
+    """How class folders name their class: ``names`` (the model's class names) or ``numbered`` (``0`` .. ``C-1``)."""
+
+    NAMES = "names"
+    NUMBERED = "numbered"
+
+
+def map_class_folders(folders: list[str], class_names: tuple[str, ...] | list[str], num_classes: int,
+                      layout: ClassLayout | str = ClassLayout.NAMES, model: str = "the model") -> dict[str, int]:
+    """Folder name -> the model's class index.
+
+    Args:
+        folders: class folder names.
+        class_names: the model's class names in index order (may be empty).
+        num_classes: the model's number of outputs.
+        layout: ``names``: each folder must equal one class name exactly; ``numbered``: each folder must be a
+            decimal integer in ``0..num_classes-1`` (``"007"`` is 7), taken as the class index.
+        model: model name for messages.
+
+    Raises:
+        DatasetError: a folder that matches no class (named in the message), two folders for one class, or
+            ``names`` layout for a model without class names.
+    """
+    layout = ClassLayout(layout)
+    mapping: dict[str, int] = {}
+    if layout is ClassLayout.NUMBERED:
+        for f in folders:
+            if not (f.isascii() and f.isdigit()) or int(f) >= num_classes:
+                raise DatasetError(f"class folder {f!r} is not a class index 0..{num_classes - 1} of {model} "
+                                   "(numbered layout)")
+            mapping[f] = int(f)
+    else:
+        if not class_names:
+            raise DatasetError(f"{model} has no class names to match folders against; name the folders "
+                               "0..C-1 and use the numbered class layout")
+        index = {n: i for i, n in enumerate(class_names)}
+        for f in folders:
+            if f not in index:
+                hint = ("; folders named 0..C-1 need the numbered class layout" if f.isdigit()
+                        else f" (expected names like {', '.join(repr(n) for n in class_names[:3])})")
+                raise DatasetError(f"class folder {f!r} names no class of {model}{hint}")
+            mapping[f] = index[f]
+    seen: dict[int, str] = {}
+    for f, i in mapping.items():
+        if i in seen:
+            raise DatasetError(f"class folders {seen[i]!r} and {f!r} both mean class {i} of {model}")
+        seen[i] = f
+    return mapping
+
+
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[list[Path]]]:
-    """Class names (sorted sub-folder names) and, per class, its image files sorted by name.
+    """Class folder names (sorted) and, per folder, its image files sorted by name.
 
     Raises:
         DatasetError: ``root`` missing, no class folders, or no images at all.

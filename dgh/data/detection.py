@@ -14,6 +14,7 @@ model's class index to a COCO ``category_id``:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from dgh.data.images import (
     hwc_uint8_to_chw_float,
     letterbox,
     list_images,
-    read_rgb_cv2,
+    oriented_size,
+    read_rgb,
 )
 
 # COCO's 80 detection classes (YOLO index order) -> original category ids 1..90 (11 ids unused).
@@ -63,17 +65,6 @@ def _image_ids(paths: list[Path]) -> list[int]:
     return list(range(len(paths)))
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"cannot read image size of {path} ({type(exc).__name__})") from None
-
-
 def read_yolo_names(labels_dir: Path) -> list[str] | None:
     """Class names from a ``data.yaml`` in ``labels_dir`` or its parent (``names``: list or ``{index: name}``)."""
     import yaml
@@ -91,6 +82,45 @@ def read_yolo_names(labels_dir: Path) -> list[str] | None:
     return None
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not a text label file (not UTF-8)") from None
+
+
+def parse_yolo_line(line: str, where: str, num_classes: int | None) -> tuple[int, float, float, float, float]:
+    """One YOLO box line ``class cx cy w h`` -> ``(class, cx, cy, w, h)``, or a :class:`DatasetError` naming ``where``.
+
+    Rules (what YOLO training and ultralytics' label checks accept, made strict): exactly 5 columns (polygon
+    segment lines are not boxes); ``class`` a non-negative integer below ``num_classes`` (when known); all numbers
+    finite; centre ``cx, cy`` in [0, 1]; width and height in (0, 1].
+    """
+    parts = line.split()
+    if len(parts) != 5:
+        raise DatasetError(f"{where}: expected 5 columns 'class cx cy w h', got {len(parts)}: {line.strip()[:80]!r}")
+    try:
+        cls_f = float(parts[0])
+        cx, cy, bw, bh = (float(v) for v in parts[1:])
+    except ValueError:
+        raise DatasetError(f"{where}: class must be an integer and cx cy w h numbers, got {line.strip()[:80]!r}") from None
+    if not all(math.isfinite(v) for v in (cls_f, cx, cy, bw, bh)):
+        raise DatasetError(f"{where}: value not finite in {line.strip()[:80]!r}")
+    if cls_f != int(cls_f):
+        raise DatasetError(f"{where}: class must be an integer, got {parts[0]!r}")
+    cls = int(cls_f)
+    if cls < 0 or (num_classes is not None and cls >= num_classes):
+        top = "" if num_classes is None else f"0..{num_classes - 1}"
+        raise DatasetError(f"{where}: class {cls} outside {top or 'the non-negative integers'}")
+    if not (0.0 <= cx <= 1.0 and 0.0 <= cy <= 1.0):
+        raise DatasetError(f"{where}: box centre ({cx:g}, {cy:g}) outside [0, 1] (coordinates are normalized)")
+    if not 0.0 < bw <= 1.0:
+        raise DatasetError(f"{where}: box width {bw:g} not in (0, 1] (normalized)")
+    if not 0.0 < bh <= 1.0:
+        raise DatasetError(f"{where}: box height {bh:g} not in (0, 1] (normalized)")
+    return cls, cx, cy, bw, bh
+
+
 def yolo_labels_to_coco(image_paths: list[Path], labels_dir: str | Path, num_classes: int | None = None,
                         image_sizes: dict[Path, tuple[int, int]] | None = None) -> dict:
     """Convert YOLO label files into a COCO ground-truth dict (formulas in the module docstring).
@@ -99,36 +129,34 @@ def yolo_labels_to_coco(image_paths: list[Path], labels_dir: str | Path, num_cla
         image_paths: images; the label of ``a/b/NAME.jpg`` is ``labels_dir/NAME.txt`` (missing file = no objects).
         labels_dir: the label folder.
         num_classes: number of categories when no ``data.yaml`` names are found (default: max class + 1).
-        image_sizes: optional ``{path: (width, height)}``; otherwise read from the image headers.
+        image_sizes: optional ``{path: (width, height)}``; otherwise the displayed size (header, EXIF
+            orientation applied: :func:`dgh.data.images.oriented_size`), the frame YOLO labels are normalized to
+            and the frame :func:`dgh.data.images.read_rgb` decodes to.
 
     Returns:
         ``{"images": [...], "annotations": [...], "categories": [{"id": i, "name": ...}, ...]}``.
 
     Raises:
-        DatasetError: missing folder, a malformed row, a class outside 0..nc-1.
+        DatasetError: missing folder, a malformed line (:func:`parse_yolo_line`, message ``file:line: ...``),
+            a class outside 0..nc-1.
     """
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise DatasetError(f"YOLO label folder not found: {labels_dir}")
     names = read_yolo_names(labels_dir)
+    nc_known = len(names) if names else num_classes
     images, annotations = [], []
     max_class = -1
     for path, image_id in zip(image_paths, _image_ids(image_paths)):
-        w, h = (image_sizes or {}).get(path) or _image_size(path)
+        w, h = (image_sizes or {}).get(path) or oriented_size(path)
         images.append({"id": image_id, "file_name": path.name, "width": w, "height": h})
         label = labels_dir / f"{path.stem}.txt"
         if not label.is_file():
             continue
-        for line_no, line in enumerate(label.read_text().splitlines(), 1):
-            parts = line.split()
-            if not parts:
+        for line_no, line in enumerate(_read_text(label).splitlines(), 1):
+            if not line.split():
                 continue
-            try:
-                cls, cx, cy, bw, bh = int(float(parts[0])), *map(float, parts[1:5])
-            except (ValueError, TypeError):
-                raise DatasetError(f"{label}:{line_no}: expected 'class cx cy w h', got {line.strip()!r}") from None
-            if len(parts) < 5 or cls < 0:
-                raise DatasetError(f"{label}:{line_no}: expected 'class cx cy w h', got {line.strip()!r}")
+            cls, cx, cy, bw, bh = parse_yolo_line(line, f"{label}:{line_no}", nc_known)
             max_class = max(max_class, cls)
             box = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cls,
@@ -173,7 +201,9 @@ def load_detection_data(images_dir: str | Path, annotations: str | Path | None =
         num_classes: the model's number of classes.
 
     Raises:
-        DatasetError: both or neither ground-truth sources, missing files, no overlapping images, bad json.
+        DatasetError: both or neither ground-truth sources, missing files, no overlapping images, bad json, bad
+            boxes or image sizes (:func:`check_coco_ground_truth`), no ground-truth boxes at all (every mAP
+            would be 0), YOLO class names that are not the model's (:func:`yolo_class_mapping`).
     """
     if (annotations is None) == (labels is None):
         raise DatasetError("pass exactly one of --annotations INSTANCES.json or --labels YOLO_LABEL_DIR")
@@ -184,7 +214,10 @@ def load_detection_data(images_dir: str | Path, annotations: str | Path | None =
         gt = yolo_labels_to_coco(paths, labels, num_classes=num_classes)
         if len(gt["categories"]) != num_classes:
             raise DatasetError(f"{labels}: {len(gt['categories'])} classes in data.yaml but the model has {num_classes}")
-        mapping = {i: i for i in range(num_classes)}
+        if not gt["annotations"]:
+            raise DatasetError(f"{labels}: no ground-truth boxes for the {len(paths)} images in {images_dir} "
+                               "(every mAP would be 0); check the label folder")
+        mapping = yolo_class_mapping(gt["categories"], class_names, num_classes, Path(labels))
         return DetectionData(paths, [im["id"] for im in gt["images"]], gt, mapping)
     ann_path = Path(annotations)
     if not ann_path.is_file():
@@ -202,7 +235,80 @@ def load_detection_data(images_dir: str | Path, annotations: str | Path | None =
     keep = set(ids)
     gt = {**gt, "images": [by_file[p.name] for p in used],
           "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in keep]}
+    check_coco_ground_truth(gt, ann_path, used)
     return DetectionData(used, ids, gt, map_classes_to_categories(gt["categories"], class_names, num_classes))
+
+
+def yolo_class_mapping(categories: list[dict], class_names: tuple[str, ...] | list[str], num_classes: int,
+                       labels_dir: Path) -> dict[int, int]:
+    """Model class index -> YOLO label class, by name when both the model and ``data.yaml`` name their classes.
+
+    Without names on either side the label class is the model class (same count, checked by the caller). With names
+    on both sides, each label class must name a model class (case-insensitive): a dataset whose ``data.yaml`` lists
+    the classes in another order is mapped correctly, and one with a class the model does not know is refused.
+
+    Raises:
+        DatasetError: a ``data.yaml`` name that is not a class of the model.
+    """
+    label_names = [str(c["name"]) for c in categories]
+    named = bool(class_names) and not all(n == str(c["id"]) for n, c in zip(label_names, categories))
+    if not named:
+        return {i: i for i in range(num_classes)}
+    model_index = {n.lower(): i for i, n in enumerate(class_names)}
+    mapping: dict[int, int] = {}
+    for c, name in zip(categories, label_names):
+        if name.lower() not in model_index:
+            raise DatasetError(f"{labels_dir}: data.yaml class {c['id']} {name!r} is not a class of the model "
+                               f"(its classes: {', '.join(list(class_names)[:4])}, ...)")
+        mapping[model_index[name.lower()]] = int(c["id"])
+    return mapping
+
+
+def check_coco_ground_truth(gt: dict, ann_path: Path, image_paths: list[Path]) -> None:
+    """Refuse COCO ground truth that pycocotools would score silently wrong.
+
+    - at least one annotation for the images used (``"annotations": []`` gives mAP 0 with no warning);
+    - each annotation: ``bbox`` of 4 finite numbers with width and height > 0, a ``category_id`` among the
+      ``categories`` and an ``image_id`` among the images;
+    - each image's ``width`` x ``height`` equals the file's displayed size (EXIF orientation applied, the frame the
+      pixels are decoded in); a json sized like the stored, un-rotated pixels of an EXIF-rotated file is named as
+      such, since its boxes are then in the other frame.
+
+    Raises:
+        DatasetError: naming the json, the annotation id or the image file.
+    """
+    from PIL import Image
+
+    if not gt["annotations"]:
+        raise DatasetError(f"{ann_path} has no annotations for the {len(image_paths)} images used "
+                           "(every mAP would be 0); check the file")
+    cats = {int(c["id"]) for c in gt["categories"]}
+    image_ids = {int(im["id"]) for im in gt["images"]}
+    for a in gt["annotations"]:
+        where = f"{ann_path}: annotation id {a.get('id')}"
+        bbox = a.get("bbox")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+            raise DatasetError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"[:200])
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            raise DatasetError(f"{where}: bbox width and height must be > 0, got {bbox!r}")
+        if int(a.get("category_id", -1)) not in cats:
+            raise DatasetError(f"{where}: category_id {a.get('category_id')!r} is not among the categories")
+        if int(a.get("image_id", -1)) not in image_ids:
+            raise DatasetError(f"{where}: image_id {a.get('image_id')!r} is not among the images")
+    for path, im in zip(image_paths, gt["images"]):
+        declared = (int(im.get("width", -1)), int(im.get("height", -1)))
+        shown = oriented_size(path)
+        if declared == shown:
+            continue
+        with Image.open(path) as raw:
+            stored = raw.size
+        if declared == stored:
+            raise DatasetError(
+                f"{ann_path}: {path.name} is {declared[0]}x{declared[1]} in the json, its stored pixels, but its EXIF "
+                f"orientation turns it to {shown[0]}x{shown[1]}; strip the EXIF orientation or re-annotate")
+        raise DatasetError(f"{ann_path}: {path.name} is {declared[0]}x{declared[1]} in the json but "
+                           f"{shown[0]}x{shown[1]} on disk; the json does not describe these files")
 
 
 class LetterboxDataset(Dataset):
@@ -215,7 +321,7 @@ class LetterboxDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, LetterboxInfo]:
-        im, info = letterbox(read_rgb_cv2(self.image_paths[i]), self.imgsz)
+        im, info = letterbox(read_rgb(self.image_paths[i]), self.imgsz)
         return hwc_uint8_to_chw_float(im), i, info
 
 

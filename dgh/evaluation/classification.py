@@ -1,8 +1,10 @@
-"""Top-1 / top-5 accuracy on an ImageFolder (``root/<class>/<image>``, sorted class folders -> index)."""
+"""Top-1 / top-5 accuracy on an ImageFolder (``root/<class>/<image>``, class folders matched to the model's classes
+by name, :func:`dgh.data.classification.map_class_folders`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,8 +13,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dgh.data.classification import (
+    ClassLayout,
     ImageFolderDataset,
     balanced_subset,
+    map_class_folders,
     scan_image_folder,
 )
 from dgh.data.images import DatasetError
@@ -36,6 +40,21 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return {k: int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
 
 
+def worker_errors(batches: Iterable) -> Iterator:
+    """Iterate a DataLoader, re-raising a :class:`DatasetError` from a worker process with its own one-line message.
+
+    PyTorch re-raises worker exceptions as ``"Caught DatasetError in DataLoader worker process 0. Original
+    Traceback ..."``; the last line of that text is the original ``DatasetError: <message>``.
+    """
+    try:
+        yield from batches
+    except DatasetError as exc:
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        if len(lines) > 1:
+            raise DatasetError(lines[-1].split("Error: ", 1)[-1].strip()) from None
+        raise
+
+
 def default_num_workers() -> int:
     """DataLoader workers: 0 on machines with <= 2 CPUs (decode in-process), else ``min(8, cpus - 1)``."""
     cpus = os.cpu_count() or 1
@@ -44,13 +63,14 @@ def default_num_workers() -> int:
 
 def evaluate_classification(model: nn.Module, spec: ModelSpec, data_dir: str | Path, limit: int | None = None,
                             batch_size: int = 256, device: str | None = None, progress: bool = True,
-                            num_workers: int | None = None, amp: bool = True) -> dict:
+                            num_workers: int | None = None, amp: bool = True,
+                            class_layout: ClassLayout | str = ClassLayout.NAMES) -> dict:
     """Top-1 and top-5 accuracy of ``model`` on an ImageFolder, with the model's eval preprocessing.
 
     Args:
         model: float or quantized classifier; input normalized NCHW float32, output logits ``(N, num_classes)``.
         spec: the model's :class:`ModelSpec` (input size, resize, mean/std, ``num_classes``).
-        data_dir: ImageFolder root; its number of class folders must equal ``spec.num_classes``.
+        data_dir: ImageFolder root; each class folder names one of ``spec.class_names`` (any subset of them).
         limit: evaluate a deterministic class-balanced subset of this many images
             (:func:`dgh.data.classification.balanced_subset`, files in name order); ``None``: all images.
         batch_size: images per forward pass.
@@ -58,19 +78,19 @@ def evaluate_classification(model: nn.Module, spec: ModelSpec, data_dir: str | P
         progress: tqdm bar.
         num_workers: DataLoader workers (default :func:`default_num_workers`).
         amp: fp16 autocast on CUDA (ignored on CPU, which always runs float32).
+        class_layout: ``names`` (default) or ``numbered`` (folders ``0..C-1`` are class indices); see
+            :func:`dgh.data.classification.map_class_folders`.
 
     Returns:
         ``{"top1": percent, "top5": percent, "n_images": int, "top1_correct": int, "top5_correct": int}``.
 
     Raises:
-        DatasetError: missing folder, no images, class-folder count != ``spec.num_classes``, ``limit`` < 1.
+        DatasetError: missing folder, no images, a class folder that names no class of the model, ``limit`` < 1,
+            an undecodable or truncated image.
     """
-    classes, files = scan_image_folder(data_dir)
-    if len(classes) != spec.num_classes:
-        raise DatasetError(
-            f"{data_dir} has {len(classes)} class folders but {spec.name} predicts {spec.num_classes} classes"
-        )
-    samples = balanced_subset(files, limit)
+    folders, files = scan_image_folder(data_dir)
+    mapping = map_class_folders(folders, spec.class_names, spec.num_classes, class_layout, spec.name)
+    samples = [(path, mapping[folders[c]]) for path, c in balanced_subset(files, limit)]
     dataset = ImageFolderDataset(samples, spec.input_size, spec.resize_size, spec.mean, spec.std, spec.interpolation)
     dev = resolve_device(device)
     workers = default_num_workers() if num_workers is None else num_workers
@@ -79,7 +99,8 @@ def evaluate_classification(model: nn.Module, spec: ModelSpec, data_dir: str | P
     model = model.eval().to(dev)
     correct = {1: 0, 5: 0}
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=amp and dev.type == "cuda"):
-        for images, labels in tqdm(loader, desc=f"eval {spec.name}", disable=not progress, leave=False):
+        for images, labels in worker_errors(tqdm(loader, desc=f"eval {spec.name}", disable=not progress,
+                                                 leave=False)):
             logits = model(images.to(dev, non_blocking=True)).float()
             for k, v in topk_correct(logits, labels.to(dev)).items():
                 correct[k] += v

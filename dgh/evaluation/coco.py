@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dgh.data.detection import LetterboxDataset, collate_letterbox, load_detection_data
 from dgh.env import resolve_device
-from dgh.evaluation.classification import default_num_workers
+from dgh.evaluation.classification import default_num_workers, worker_errors
 from dgh.models.spec import LoadedModel
 
 CONF_THRESHOLD = 0.001
@@ -146,7 +146,8 @@ def evaluate_coco(model: nn.Module, loaded: LoadedModel, images_dir: str | Path,
     model = model.eval().to(dev)
     detections: list[dict] = []
     with torch.inference_mode():
-        for images, idx, infos in tqdm(loader, desc=f"eval {loaded.spec.name}", disable=not progress, leave=False):
+        for images, idx, infos in worker_errors(tqdm(loader, desc=f"eval {loaded.spec.name}", disable=not progress,
+                                                     leave=False)):
             images = loaded.spec.normalize(images.to(dev))
             with torch.autocast(dev.type, dtype=torch.float16, enabled=amp and dev.type == "cuda"):
                 raw = model(images)

@@ -137,7 +137,7 @@ class GenerationConfig(BaseModel):
         lazy_refresh: skip the no-grad refresh forward after each step (method.md section 1); the batch's cache entry
             takes the detached moments of the training view just computed instead (one step stale, augmented view).
             Saves one forward per step; off by default: on resnet20_cifar10 (128 images x 30 iterations) it raised
-            the dataset-level BN distance 0.85 -> 1.05 and lowered W4A4 top-1 70.0 -> 67.4 (issue 3 note).
+            the dataset-level BN distance 0.85 -> 1.05 and lowered W4A4 top-1 70.0 -> 67.4.
         amp: see :class:`Amp`.
         checkpoint_every: K; with an ``out_dir``, a resumable checkpoint is written every K iterations (0 = never).
     """

@@ -263,18 +263,25 @@ class _Run:
         )
         self.settings["output_loss_weight"] = self.lambda_out
 
-    def forward_moments(self, view_nchw: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
-        """Model forward of a view; returns (outputs, per-layer per-image moments incl. the input last)."""
+    def forward_moments(
+        self, view_nchw: torch.Tensor, need_outputs: bool = True
+    ) -> tuple[list[torch.Tensor], list[tuple]]:
+        """Model forward of a view; returns (outputs, per-layer per-image moments incl. the input last).
+
+        ``need_outputs=False`` (statistics only): the forward stops right after the last BN layer and the outputs
+        are ``[]``; the moments are the same.
+        """
+        out = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            with self.recorder.active():
+            with self.recorder.active(stop_when_complete=not need_outputs):
                 out = self.model(view_nchw.contiguous(memory_format=self.memory_format))
         moments = list(self.recorder.moments) + [image_moments(view_nchw)]
-        return flatten_outputs(out), moments
+        return (flatten_outputs(out) if out is not None else []), moments
 
     @torch.no_grad()
     def batch_moments(self, canvas_nchw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Batch moments ``(C_l,)`` of every layer (input last) on the final view, no gradient."""
-        _, moments = self.forward_moments(self.pipeline.final_view(canvas_nchw))
+        _, moments = self.forward_moments(self.pipeline.final_view(canvas_nchw), need_outputs=False)
         return [m.mean(0) for m, _ in moments], [s.mean(0) for _, s in moments]
 
     def loss(self, b: int, state: _State, outputs: list[torch.Tensor], moments: list[tuple]) -> dict[str, torch.Tensor]:
@@ -347,8 +354,11 @@ class _Run:
         use_scaler = self.use_amp and self.device.type == "cuda"
         state.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in state.optimizers]
 
-    def step(self, b: int, state: _State) -> dict[str, float]:
-        """One optimization step of batch ``b`` (training view, loss, backward, RAdam, scheduler, cache refresh)."""
+    def step(self, b: int, state: _State, refresh: bool = True) -> dict[str, float]:
+        """One optimization step of batch ``b`` (training view, loss, backward, RAdam, scheduler, cache refresh).
+
+        ``refresh=False`` skips the cache update of batch ``b`` when no later step reads it (the caller knows: a
+        single batch, whose own cache entry cancels out of :func:`global_moments`, or the run's last step)."""
         canvas, opt, sched, scaler = state.canvases[b], state.optimizers[b], state.schedulers[b], state.scalers[b]
         view = self.pipeline.train_view(canvas, state.generator)
         outputs, moments = self.forward_moments(view)
@@ -369,7 +379,7 @@ class _Run:
             opt.step()
         if sched is not None:
             sched.step(loss_value)
-        if self.config.statistics is Statistics.ALL:
+        if self.config.statistics is Statistics.ALL and refresh:
             if not self.lazy_refresh:
                 ms, ss = self.batch_moments(canvas.detach())
             else:
@@ -436,6 +446,18 @@ class _Run:
         return state
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of a generation checkpoint, or a one-line :class:`GenerationError`."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated zip raises OSError/RuntimeError, a foreign pickle others
+        raise GenerationError(f"{path} cannot be read ({first_line(exc, 80)}); it is truncated or not a checkpoint: "
+                              "delete it or run without --resume") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("settings"), dict):
+        raise GenerationError(f"{path} is not a dgh generation checkpoint; delete it or run without --resume")
+    return ckpt
+
+
 def generate_images(
     loaded: LoadedModel,
     config: GenerationConfig,
@@ -494,7 +516,7 @@ def generate_images(
             run.check_input_and_find_last_bns()
             state = None
             if resume and ckpt_path is not None and ckpt_path.is_file():
-                state = run.load_state(torch.load(ckpt_path, map_location="cpu", weights_only=True), ckpt_path)
+                state = run.load_state(_read_checkpoint(ckpt_path), ckpt_path)
             if state is None:
                 state = run.new_state()
             elapsed_before = state.elapsed_s
@@ -506,8 +528,11 @@ def generate_images(
                 while state.iteration < config.iterations:
                     order = torch.randperm(len(state.canvases), generator=state.generator).tolist()
                     sums = {"loss": 0.0, "bn": 0.0, "out": 0.0}
+                    last_iteration = state.iteration + 1 == config.iterations
                     for b in order:
-                        step_terms = run.step(b, state)
+                        # a refresh is read only by later steps of other batches (global_moments)
+                        refresh = len(order) > 1 and not (last_iteration and b == order[-1])
+                        step_terms = run.step(b, state, refresh=refresh)
                         for k in sums:
                             sums[k] += step_terms[k] / len(order)
                     state.iteration += 1

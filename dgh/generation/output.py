@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from dgh.io import save_torch, write_bytes, write_json
+import dgh
+from dgh.io import IMAGES_FILE, save_images, write_bytes, write_json
 from dgh.models.spec import ModelSpec
 
-IMAGES_FILE = "images.pt"
 META_FILE = "meta.json"
 PREVIEW_FILE = "preview.png"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -21,8 +21,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def library_versions() -> dict[str, str]:
     """Versions of python, torch, torchvision, dgh and (when imported) ultralytics."""
-    import dgh
-
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -48,13 +46,13 @@ def preview_png(images_nchw: torch.Tensor, spec: ModelSpec, max_images: int | No
 
 
 def write_outputs(out_dir: str | Path, images_nchw: torch.Tensor, meta: dict, spec: ModelSpec) -> dict[str, Path]:
-    """Write ``images.pt`` (float32 ``(N, 3, H, W)`` normalized space, CPU, contiguous), ``meta.json`` and
+    """Write ``images.pt`` (:func:`dgh.io.save_images`: float32 ``(N, 3, H, W)`` normalized space), ``meta.json`` and
     ``preview.png`` into ``out_dir`` (created). Each file is atomic; ``images.pt`` is written last-but-one and
     ``meta.json`` last, so a present ``meta.json`` means a complete set."""
     out = Path(out_dir)
     paths = {
         "preview": write_bytes(preview_png(images_nchw, spec), out / PREVIEW_FILE),
-        "images": save_torch(images_nchw.detach().float().cpu().contiguous(), out / IMAGES_FILE),
+        "images": save_images(images_nchw, out / IMAGES_FILE),
     }
     paths["meta"] = write_json(meta, out / META_FILE)
     return paths

@@ -7,7 +7,6 @@ the model at every optimization step (flip -> smoothing -> random H x W crop -> 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +131,3 @@ def batch_slices(n_images: int, batch_size: int) -> list[slice]:
     """Split ``range(n_images)`` into ``ceil(n_images / batch_size)`` contiguous batches; the last may be smaller."""
     return [slice(i, min(i + batch_size, n_images)) for i in range(0, n_images, batch_size)] or [slice(0, 0)]
 
-
-def num_batches(n_images: int, batch_size: int) -> int:
-    return math.ceil(n_images / batch_size)

@@ -76,7 +76,7 @@ def find_last_bns(
 ) -> list[int]:
     """Indices (into ``layers``) of the BN layer(s) whose input the output loss's hinge penalties constrain.
 
-    Choice for detectors (issue 3 asks to decide "the last BN layer"): a multi-level head has one output per level,
+    Choice for detectors (what "the last BN layer" means there): a multi-level head has one output per level,
     each fed by its own neck branch. With ``mode=feeding`` (default), for each model output we walk its autograd
     graph backwards and stop at BN layers: among the BNs nearest to that output (no other BN in between) the one
     called last is that output's "last BN". For YOLOv5 this is the BN ending the C3 block that feeds each Detect

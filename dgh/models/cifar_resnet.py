@@ -6,9 +6,17 @@ Module names match the akamaster/pytorch_resnet_cifar10 checkpoints:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dgh.models.loading import RANDOM_WEIGHTS, ModelLoadError, load_state_dict_file, load_state_dict_strict
+from dgh.models.registry import register_model
+from dgh.models.spec import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class OptionAShortcut(nn.Module):
@@ -85,10 +93,54 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
     return CifarResNet(CIFAR_DEPTHS[depth], num_classes)
 
 
-def convert_akamaster_state_dict(state: dict) -> dict[str, torch.Tensor]:
+def convert_akamaster_state_dict(state: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Turn an akamaster checkpoint (``{"state_dict": {"module.conv1.weight": ...}}``) into plain keys.
 
     Accepts the wrapped dict or a bare state_dict, with or without the ``module.`` prefix.
+
+    Raises:
+        ValueError: ``state`` (read from ``source``) is not a dict of tensors (a list, a bare tensor ...).
     """
     sd = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "dict with non-tensor values"
+        raise ValueError(f"{source} holds a {what}, not a state_dict of tensors; pass an akamaster .th checkpoint")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def cifar_spec(name: str) -> ModelSpec:
+    """The spec of ``resnet<depth>_cifar10``."""
+    depth = int(name.removeprefix("resnet").removesuffix("_cifar10"))
+    return ModelSpec(
+        name=f"resnet{depth}_cifar10",
+        family="cifar_resnet",
+        task="classification",
+        input_size=(32, 32),
+        mean=IMAGENET_MEAN,  # the akamaster models were trained with ImageNet statistics
+        std=IMAGENET_STD,
+        pad=8,
+        output_loss_weight=1e-5,
+        num_classes=10,
+        class_names=CIFAR10_CLASSES,
+        default_weights="required (--weights PATH to an akamaster .th checkpoint)",
+    )
+
+
+def load_cifar(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
+    """Build ``resnet<depth>_cifar10`` and load an akamaster ``.th`` checkpoint (``imgsz`` unused)."""
+    spec = cifar_spec(name)
+    model = cifar_resnet(int(name.removeprefix("resnet").removesuffix("_cifar10")))
+    if weights is None:
+        # BN statistics of a random network are mean 0 / var 1: generating or quantizing from them is meaningless
+        raise ModelLoadError(
+            f"{name} has no downloadable default weights: pass --weights PATH to an akamaster .th checkpoint "
+            "(or --weights random for random weights)"
+        )
+    if weights != RANDOM_WEIGHTS:
+        sd = convert_akamaster_state_dict(load_state_dict_file(Path(weights)), str(weights))
+        load_state_dict_strict(model, sd, str(weights))
+    return LoadedModel(spec=spec, model=model.eval(), weights=weights)
+
+
+for _depth in CIFAR_DEPTHS:
+    register_model(f"resnet{_depth}_cifar10", cifar_spec, load_cifar)

@@ -24,23 +24,24 @@ crop resized to 224 for training, and for evaluation a center crop of ``224 / (2
 ``CROP_PADDING = 32``; the training crop jitter is thus modelled, as for the other ImageNet models here, by a
 ``(224 + 32)`` canvas (method.md section 2).
 
-Class names: the 1000 ImageNet-1k WordNet ids in sorted order (``timm.data.ImageNetInfo().label_names()``), which is
+Class names: the 1000 ImageNet-1k WordNet ids in sorted order (:func:`dgh.models.spec.imagenet_wnids`), which is
 the class index order of the checkpoint and of torchvision's ``ImageFolder`` over an ImageNet layout.
+
+timm is imported inside the functions that build the network: importing it takes seconds, and every
+``import dgh.models`` imports this module to register the name.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from pathlib import Path
 
-import timm
-import torch
-from timm.data import ImageNetInfo
-from timm.layers import BatchNormAct2d
 from torch import nn
 
-from dgh.models.spec import ModelSpec
+from dgh.models.loading import RANDOM_WEIGHTS, ModelLoadError, load_state_dict_file, load_state_dict_strict
+from dgh.models.registry import register_model
+from dgh.models.spec import LoadedModel, ModelSpec, imagenet_wnids
 
 NAME = "efficientnet_lite0"
 FAMILY = "efficientnet_lite"
@@ -63,7 +64,7 @@ class KeyMapError(ValueError):
     """A checkpoint key has no counterpart in the timm model. The message is one line."""
 
 
-def efficientnet_lite0_spec() -> ModelSpec:
+def efficientnet_lite0_spec(name: str = NAME) -> ModelSpec:
     """The static facts of ``efficientnet_lite0`` (see the module docstring for each value)."""
     return ModelSpec(
         name=NAME,
@@ -75,7 +76,7 @@ def efficientnet_lite0_spec() -> ModelSpec:
         pad=32,
         output_loss_weight=OUTPUT_LOSS_WEIGHT,
         num_classes=1000,
-        class_names=tuple(ImageNetInfo().label_names()),
+        class_names=imagenet_wnids(),
         resize_size=256,
         interpolation="bilinear",
         default_weights="required (--weights PATH to efficientnet-lite0-57934424.pth, lukemelas key layout)",
@@ -84,6 +85,8 @@ def efficientnet_lite0_spec() -> ModelSpec:
 
 def build_timm_lite0() -> nn.Module:
     """timm's ``tf_efficientnet_lite0`` with random weights, before the BN/activation split (no download)."""
+    import timm  # seconds to import; only when the model is built (module docstring)
+
     return timm.create_model(TIMM_ARCH, pretrained=False, num_classes=1000)
 
 
@@ -140,6 +143,8 @@ def split_bn_act(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: a ``BatchNormAct2d`` with a non-identity ``drop`` (not present in this model).
     """
+    from timm.layers import BatchNormAct2d  # seconds to import (module docstring)
+
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, BatchNormAct2d):
             continue
@@ -155,18 +160,29 @@ def split_bn_act(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_lukemelas_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                              load_strict: Callable[[nn.Module, dict, str], None], source: str) -> None:
-    """Load a lukemelas-layout ``state_dict`` into timm's ``model`` (before :func:`split_bn_act`).
+def load_efficientnet_lite0(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
+    """Build ``efficientnet_lite0`` and load a lukemelas-layout checkpoint strictly (``imgsz`` unused).
 
     Args:
-        load_strict: the strict loader (``dgh.models.registry.load_state_dict_strict``: missing keys, unexpected keys
-            and shape mismatches are one-line errors).
-        source: the checkpoint's name for error messages.
+        weights: path to the checkpoint, or ``"random"`` for random weights; ``None`` is an error (no download).
 
     Raises:
-        KeyMapError: a checkpoint key without a timm counterpart.
-        Whatever ``load_strict`` raises for missing keys or shape mismatches.
+        ModelLoadError: no weights given, missing/invalid file, a key without a timm counterpart, missing keys or
+            shape mismatches (one line).
     """
-    mapping = lukemelas_to_timm_keys(list(state_dict), model)
-    load_strict(model, {mapping[k]: v for k, v in state_dict.items()}, source)
+    if weights is None:
+        raise ModelLoadError(f"{name} needs --weights PATH to a lukemelas-layout checkpoint (efficientnet-lite0-*.pth)"
+                             " (or --weights random for random weights)")
+    model = build_timm_lite0()
+    if weights != RANDOM_WEIGHTS:
+        state_dict = load_state_dict_file(Path(weights))
+        try:
+            mapping = lukemelas_to_timm_keys(list(state_dict), model)
+        except KeyMapError as exc:
+            raise ModelLoadError(f"{weights}: {exc}") from None
+        load_state_dict_strict(model, {mapping[k]: v for k, v in state_dict.items()}, str(weights))
+    return LoadedModel(spec=efficientnet_lite0_spec(name), model=split_bn_act(model).eval(),
+                       weights=None if weights == RANDOM_WEIGHTS else str(weights))
+
+
+register_model(NAME, efficientnet_lite0_spec, load_efficientnet_lite0)

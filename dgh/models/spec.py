@@ -13,8 +13,11 @@ Conventions shared by generation, quantization and evaluation:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,6 +27,27 @@ Task = Literal["classification", "detection"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k (ILSVRC-2012) class wnids in class-index order (sorted, ``n01440764`` first).
+
+    Read offline from the list timm ships (``timm/data/_info/imagenet_synsets.txt``), located without importing
+    timm (its import takes seconds). This is the order of every ImageNet-1k classifier here: torchvision's
+    ``weights.meta["categories"]`` and the ImageNet-val ImageFolder layout (sorted wnid folders).
+
+    Raises:
+        RuntimeError: timm is not installed or its list is not 1000 sorted wnids.
+    """
+    found = importlib.util.find_spec("timm")
+    if found is None or found.origin is None:
+        raise RuntimeError("the ImageNet class list comes from timm, which is not installed (pip install timm)")
+    text = (Path(found.origin).parent / "data" / "_info" / "imagenet_synsets.txt").read_text()
+    wnids = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(wnids) != 1000 or list(wnids) != sorted(wnids):
+        raise RuntimeError(f"timm's imagenet_synsets.txt holds {len(wnids)} entries, expected 1000 sorted wnids")
+    return wnids
 
 
 @dataclass(frozen=True)
@@ -41,7 +65,10 @@ class ModelSpec:
         output_loss_weight: default lambda_out of the output distribution stretching loss (method.md section 3);
             ``None``: no tuned value, generation derives it (``dgh.generation.losses.balanced_output_weight``).
         num_classes: number of classes of the head.
-        class_names: optional class names, index order.
+        class_names: class names in index order; ImageFolder class folders are matched against them by name
+            (:func:`dgh.data.classification.map_class_folders`). CIFAR-10: ``airplane`` .. ``truck``;
+            ImageNet-1k models: the wnids (:func:`imagenet_wnids`); detectors: their dataset's names. Empty:
+            unknown (folders must then use the numbered layout).
         resize_size: classification preprocessing: resize the shorter image side to this many pixels, then
             center-crop ``input_size`` (torchvision ``ImageClassification``). ``None``: no resize (CIFAR).
             Detection models ignore it (they letterbox to ``input_size``).

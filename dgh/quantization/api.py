@@ -1,5 +1,5 @@
 """Public entry points: :func:`quantize_model`, :func:`save_quantized`, :func:`load_quantized`,
-:func:`write_quantization_report`, :func:`set_quant_state`.
+:func:`write_quantization_report`, :func:`set_quant_state` (from :mod:`dgh.quantization.state`).
 
 Calibration (post-training, no labels):
 
@@ -18,6 +18,7 @@ Runs on CUDA when available (float32 throughout: fake quantization under fp16 au
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import dgh
 from dgh.env import model_device, resolve_device
 from dgh.errors import first_line
 from dgh.io import save_torch, write_text
@@ -43,6 +45,8 @@ from dgh.quantization.config import Algorithm, QuantConfig
 from dgh.quantization.layers import QUANT_LAYER_TYPES
 from dgh.quantization.presets import PresetSpec, preset_spec
 from dgh.quantization.quantizers import FakeQuantizer, is_power_of_two
+from dgh.quantization.reconstruction import bake_learned_rounding, reconstruct
+from dgh.quantization.state import set_quant_state
 from dgh.quantization.thresholds import (
     ActivationObserver,
     SiteStats,
@@ -65,15 +69,6 @@ class QuantizedFileError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None:
-    """Switch weight quantizers and activation (incl. input/output) quantizers on or off, in place.
-
-    Quantizers bypassed by the preset (e.g. the float output of ``academic``) stay bypassed.
-    """
-    for _, q in iter_quantizers(qmodel):
-        q.enabled = weights if q.role == "weight" else activations
-
-
 def _quant_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
 
@@ -82,10 +77,8 @@ def _configure_weights(qmodel: QuantizedModel, config: QuantConfig, spec: Preset
     method = "minmax" if config.algorithm == Algorithm.MINMAX else "mse"
     for name, layer in _quant_layers(qmodel).items():
         q: FakeQuantizer = layer.weight_quantizer
-        q.bits = bits_of.get(name, config.w_bits)
-        q.symmetric = spec.weight_symmetric
-        q.signed = True if spec.weight_symmetric else False
-        q.power_of_two = False
+        q.configure(bits_of.get(name, config.w_bits), symmetric=spec.weight_symmetric, signed=spec.weight_symmetric,
+                    power_of_two=False)
         weight = layer.weight_out_channels_first()  # (C_out, ...): the per-channel axis first
         if spec.weight_symmetric:
             q.set_threshold(weight_thresholds_symmetric(weight, q.bits, method, config.weight_candidates))
@@ -97,10 +90,8 @@ def _configure_weights(qmodel: QuantizedModel, config: QuantConfig, spec: Preset
 def _configure_activation(
     q: FakeQuantizer, stats: SiteStats, bits: int, spec: PresetSpec, config: QuantConfig
 ) -> None:
-    q.bits = bits
-    q.symmetric = spec.act_symmetric
-    q.power_of_two = spec.act_power_of_two
-    q.signed = (stats.min < 0) if spec.act_symmetric else False
+    q.configure(bits, symmetric=spec.act_symmetric, signed=spec.act_symmetric and stats.min < 0,
+                power_of_two=spec.act_power_of_two)
     lo = stats.min if math.isfinite(stats.min) else 0.0
     hi = stats.max if math.isfinite(stats.max) else 1.0
     samples = stats.sample_tensor()
@@ -278,8 +269,6 @@ def quantize_model(
     qmodel.eval()
 
     if config.algorithm in (Algorithm.ADAROUND, Algorithm.BRECQ):
-        from dgh.quantization.reconstruction import reconstruct
-
         qmodel = reconstruct(qmodel, images, config.reconstruction, dev, progress, float_model=loaded.model)
         qmodel.quant_config = {**config.to_json_dict(), "bias_correction": bool(bias_correction)}
         qmodel.example_shape = [1, *images.shape[1:]]
@@ -292,8 +281,6 @@ def bake_weight_rounding(qmodel: QuantizedModel) -> None:
     nearest otherwise) and drop the rounding modules, in place; see
     :func:`dgh.quantization.reconstruction.bake_learned_rounding`. Round-to-nearest of the baked weight gives the
     same integers (``w_q / s`` is integral)."""
-    from dgh.quantization.reconstruction import bake_learned_rounding
-
     bake_learned_rounding(qmodel)
 
 
@@ -304,10 +291,6 @@ def save_quantized(qmodel: QuantizedModel, path: str | Path, meta: dict | None =
     Only tensors and plain types are stored (loadable with ``torch.load(weights_only=True)``). Learned AdaRound
     rounding is baked into the stored weights (:func:`bake_weight_rounding`, on a copy).
     """
-    import copy
-
-    import dgh
-
     model = qmodel
     if any(getattr(m, "weight_rounding", None) is not None for m in _quant_layers(qmodel).values()):
         model = copy.deepcopy(qmodel)

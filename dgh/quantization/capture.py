@@ -2,8 +2,12 @@
 
 How a model is wrapped (:func:`build_quantized_model`):
 
-1. BN is folded into the preceding conv on a deep copy (:mod:`dgh.quantization.fold`).
-2. Every ``Conv1d``/``Conv2d``/``Linear`` is replaced by its quantized subclass (:mod:`dgh.quantization.layers`).
+0. Refusals before any forward (:func:`check_supported_modules`): ``nn.MultiheadAttention`` (its projections are
+   applied straight from its weights) and grouped transposed convs raise a one-line :class:`CaptureError`.
+1. BN is folded into the preceding conv on a deep copy (:mod:`dgh.quantization.fold`), only where the BN is the
+   conv output's sole reader.
+2. Every ``Conv1d``/``Conv2d``/``ConvTranspose1d``/``ConvTranspose2d``/``Linear`` (subclasses included; a subclass
+   with its own forward keeps it) is replaced by its quantized version (:mod:`dgh.quantization.layers`).
 3. The model is wrapped in :class:`QuantizedModel` (``.model`` is the wrapped network, ``.input_quantizer``
    quantizes the network input).
 4. Forward pre/post hooks on every module keep a module stack; the first module called (the *entry*: the wrapper
@@ -12,23 +16,22 @@ How a model is wrapped (:func:`build_quantized_model`):
 
 Quantization *sites* (tensors that integer hardware materializes), seen by the mode during forward:
 
-- conv/linear outputs (quantizer ``<layer>.output_quantizer``);
+- conv/linear/transposed-conv outputs (quantizer ``<layer>.output_quantizer``);
 - ``add``/``sub``/``mul``/``div`` of two non-scalar tensors (``+``, ``+=``, ``torch.add`` ...), ``cat``/``stack``,
-  pooling (``max/avg/adaptive`` pools, ``mean`` over dims), ``interpolate``/``Upsample``, functional convs/linears
-  (quantizer ``<owner module>.act_quantizers[<op><k>]``, ``k`` = call index of that op inside one call of the
-  owner; ``@i`` is appended for the i-th repeated call of the owner within one entry call).
+  pooling (``max/avg/adaptive`` pools, ``mean`` over dims), ``interpolate``/``Upsample``, functional
+  convs/linears, ``matmul``/``@``/``bmm``/``einsum``, an unfolded BN (``batch_norm``), ``layer_norm``/``group_norm``/
+  ``instance_norm``, ``softmax`` (quantizer ``<owner module>.act_quantizers[<op><k>]``, ``k`` = call index of that op
+  inside one call of the owner; ``@i`` is appended for the i-th repeated call of the owner within one entry call).
+  When the owner is a container (``nn.Sequential``/``ModuleList``/``ModuleDict`` subclass with its own forward,
+  e.g. DenseNet's ``_DenseBlock``), whose forward iterates its children, the quantizer lives on the nearest
+  non-container ancestor as ``act_quantizers["<container path relative to it, / separated>/<op><k>"]``.
+- A folded BN kept in the graph for the rest of its forward (timm ``BatchNormAct2d``) is an exact identity in its
+  normalization and no site.
 
-A site's output is *pending* until consumed. If the consumer is an activation function (ReLU, ReLU6/hardtanh,
-SiLU, Hardswish, LeakyReLU, GELU, sigmoid, ...) the activation output inherits the pending site, so the quantizer
-acts after the fused conv -> (BN) -> activation, as integer hardware executes it. Any other consumer (including
-reshape/flatten, a following add, the model's return) gets the quantized tensor. On exit of the entry module every
-pending output is quantized; for a full forward those are the model outputs (for detectors each raw per-level head
-output has its own quantizer, never one scale over boxes and scores).
-
-Calling a submodule on its own therefore applies exactly the same quantizers as in the full forward, except that a
-pending output at its boundary is quantized there (in the full forward it might be fused with an activation that
-lies outside the submodule). Activation quantizers live on the module that owns the op, so
-``block.parameters()`` of a block includes its learnable activation scales (BRECQ block reconstruction).
+Observe phase checks (first calibration batch, before the long work): a >= 2-D parameter may reach a weight op
+(conv/linear/matmul/attention) only as the unchanged weight of the quantized layer running the op; anything else
+(e.g. torchvision Swin's ``F.linear(x, self.qkv.weight)``, a weight-standardizing conv) is a one-line
+:class:`CaptureError`.
 
 Capture options measured (``python benchmarks/quantize.py --capture``; 2-core CPU shared with 4 other jobs,
 torch 2.14.1, random weights, input 1x3x64x64 except CIFAR 32x32; "sites" for fx/export = graph nodes that are
@@ -59,7 +62,6 @@ counts do not include).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +98,7 @@ _SITE_OPS = {
     "upsample_bilinear2d": "upsample", "mean": "mean",
     "conv1d": "conv", "conv2d": "conv", "conv_transpose1d": "conv", "conv_transpose2d": "conv", "linear": "linear",
     "matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "bmm": "matmul", "mm": "matmul",
+    "einsum": "matmul",
     "batch_norm": "bn", "layer_norm": "norm", "group_norm": "norm", "instance_norm": "norm",
     "softmax": "softmax", "log_softmax": "softmax",
     **_BINARY,
@@ -162,6 +165,13 @@ class _Runtime:
         self.stack: list[_Frame] = []
         self.calls: dict[str, int] = {}
         self.pending: WeakIdKeyDictionary | None = None
+
+    def abort(self) -> None:
+        """Return to idle after a forward pass that was interrupted (an exception raised inside the model, e.g. by a
+        hook that stops the pass once it has what it needs): leave the site mode and drop the call stack."""
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+        self._reset()
 
     def __deepcopy__(self, memo):  # a copied model gets a fresh, idle runtime with the same phase
         new = _Runtime()
@@ -441,7 +451,8 @@ def check_supported_modules(model: nn.Module) -> None:
 
 
 def build_quantized_model(model: nn.Module, example_input: torch.Tensor) -> QuantizedModel:
-    """Fold BN (on a deep copy), swap conv/linear for quantized layers, wrap, install hooks.
+    """Refuse unsupported architectures, fold BN (on a deep copy), swap conv/linear for quantized layers, wrap,
+    install hooks.
 
     Quantizers are not calibrated yet; activation-site quantizers are created by the first observe-phase forward
     (:func:`discover_sites`).
@@ -451,7 +462,8 @@ def build_quantized_model(model: nn.Module, example_input: torch.Tensor) -> Quan
         example_input: one input batch (NCHW float32, normalized space) for BN pairing.
 
     Raises:
-        CaptureError / FoldError: the model cannot run on ``example_input``.
+        CaptureError: an architecture that cannot be quantized (:func:`check_supported_modules`).
+        FoldError: the model cannot run on ``example_input``.
     """
     check_supported_modules(model)
     folded, pairs = fold_batch_norms(model, example_input)
@@ -500,8 +512,3 @@ def discover_sites(
     sites.update(rt.sites)
     install_hooks(qmodel)
     return sites
-
-
-def copy_quantized(qmodel: QuantizedModel) -> QuantizedModel:
-    """A deep copy with its own runtime and hooks (hooks are bound to the copied runtime)."""
-    return copy.deepcopy(qmodel)

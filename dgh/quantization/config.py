@@ -1,4 +1,5 @@
-"""Quantization configuration: :class:`QuantConfig` (pydantic) with the :class:`Preset` and :class:`Algorithm` enums.
+"""Quantization configuration: :class:`QuantConfig` (pydantic) with the :class:`Preset` and :class:`Algorithm` enums,
+and the settings of AdaRound / BRECQ reconstruction (:class:`ReconstructionConfig`).
 
 The presets themselves (what each one quantizes and how) are defined in :mod:`dgh.quantization.presets`.
 """
@@ -10,7 +11,6 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dgh.quantization.quantizers import SUPPORTED_BITS
-from dgh.quantization.reconstruction import ReconstructionConfig, ReconstructionMode
 
 
 class Preset(str, Enum):
@@ -38,6 +38,54 @@ class Algorithm(str, Enum):
     BRECQ = "brecq"
 
 
+class ReconstructionMode(str, Enum):
+    """Granularity of the reconstruction: ``adaround`` = one weight layer at a time, ``brecq`` = one block."""
+
+    ADAROUND = "adaround"
+    BRECQ = "brecq"
+
+
+class ReconstructionConfig(BaseModel):
+    """Settings of :func:`dgh.quantization.reconstruction.reconstruct`; the defaults are the DGH paper code's (built on the BRECQ code).
+
+    Attributes:
+        mode: ``brecq`` (block reconstruction) or ``adaround`` (layer by layer).
+        iters: rounding-optimization steps per unit (paper: 20,000). Lower it for CPU budgets.
+        batch_size: calibration images per step (32).
+        reg_weight: rounding-regularizer weight; ``None`` = 0.01, or 0.1 when the model has MobileNetV2
+            ``InvertedResidual`` blocks (BRECQ code).
+        lr: Adam learning rate of the rounding logits (1e-3).
+        beta_start, beta_end, warmup: annealing of the regularizer exponent (20 -> 2 after 20 % of ``iters``).
+        learn_act_scales: learn activation step sizes jointly with the rounding (LSQ-style). Power-of-two
+            quantizers learn ``log2`` through their straight-through ``2^round(log2 s)`` projection: their step
+            stays a power of two.
+        act_lr: Adam learning rate of the activation step sizes (4e-4, DGH paper code), cosine decay to 0.
+        act_iters: extra steps per unit that refine only the activation step sizes with the weights hard-rounded
+            (paper code: 5,000). 0 disables.
+        cache_batch_size: batch size of the forward passes that cache a unit's inputs and targets.
+        keep_best: if a unit's loss on the calibration set ends above its loss with nearest rounding (possible with
+            very short CPU budgets), restore the unit's nearest rounding and step sizes; the report says so.
+        seed: seeds the batch draws (the result is deterministic for a seed and a device).
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    mode: ReconstructionMode = ReconstructionMode.BRECQ
+    iters: int = Field(20000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    reg_weight: float | None = Field(None, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warmup: float = Field(0.2, ge=0, lt=1)
+    learn_act_scales: bool = True
+    act_lr: float = Field(4e-4, gt=0)
+    act_iters: int = Field(5000, ge=0)
+    cache_batch_size: int = Field(64, ge=1)
+    keep_best: bool = True
+    seed: int = 0
+
+
 class QuantConfigError(ValueError):
     """Invalid quantization configuration. The message is one line."""
 
@@ -58,7 +106,7 @@ class QuantConfig(BaseModel):
             ``minmax``/``mse``, off for ``adaround``/``brecq``. The resolved value is stored in
             ``qmodel.quant_config["bias_correction"]``.
         seed: seed of the activation subsampling.
-        reconstruction: :class:`~dgh.quantization.reconstruction.ReconstructionConfig` (a dict is converted) used
+        reconstruction: :class:`ReconstructionConfig` (a dict is converted) used
             by ``adaround``/``brecq``; its ``mode`` always follows ``algorithm``. Lower ``iters``/``act_iters`` for
             CPU budgets (paper code: 20,000 + 5,000 per block).
     """

@@ -137,14 +137,8 @@ class FakeQuantizer(nn.Module):
         role: str = "activation",
     ) -> None:
         super().__init__()
-        if power_of_two and not symmetric:
-            raise QuantizerError("power-of-two scales need a symmetric quantizer")
-        integer_range(bits, signed if symmetric else False)
-        self.bits = bits
-        self.symmetric = symmetric
-        self.signed = signed if symmetric else False
+        self.configure(bits, symmetric=symmetric, signed=signed, power_of_two=power_of_two)
         self.channel_axis = channel_axis
-        self.power_of_two = power_of_two
         self.learnable = learnable
         self.role = role
         self.enabled = True
@@ -170,6 +164,24 @@ class FakeQuantizer(nn.Module):
     @property
     def is_per_channel(self) -> bool:
         return self.channel_axis is not None
+
+    def configure(self, bits: int, *, symmetric: bool, signed: bool, power_of_two: bool) -> None:
+        """Set the integer grid: the one place ``bits``, ``symmetric``, ``signed`` and ``power_of_two`` change.
+
+        ``signed`` applies to symmetric quantizers only (asymmetric ones use ``[0, 2^b-1]``). The scale and zero point
+        are kept; set them afterwards with :meth:`set_threshold` / :meth:`set_range`.
+
+        Raises:
+            QuantizerError: power-of-two with an asymmetric grid, or an unsupported bit-width.
+        """
+        if power_of_two and not symmetric:
+            raise QuantizerError("power-of-two scales need a symmetric quantizer")
+        signed = bool(signed) if symmetric else False
+        integer_range(bits, signed)
+        self.bits = int(bits)
+        self.symmetric = bool(symmetric)
+        self.signed = signed
+        self.power_of_two = bool(power_of_two)
 
     def set_signed(self, signed: bool) -> None:
         """Symmetric quantizers only: choose the signed or unsigned integer range."""
@@ -271,11 +283,9 @@ class FakeQuantizer(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         """Restore the settings written by :meth:`get_extra_state` (buffers are restored by ``load_state_dict``)."""
-        self.bits = int(state["bits"])
-        self.symmetric = bool(state["symmetric"])
-        self.signed = bool(state["signed"])
+        self.configure(int(state["bits"]), symmetric=bool(state["symmetric"]), signed=bool(state["signed"]),
+                       power_of_two=bool(state["power_of_two"]))
         self.channel_axis = state["channel_axis"]
-        self.power_of_two = bool(state["power_of_two"])
         self.bypass = bool(state["bypass"])
         self.initialized = bool(state["initialized"])
         self.role = str(state["role"])

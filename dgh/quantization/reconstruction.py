@@ -38,7 +38,7 @@ Units (the block partition, :func:`partition_units`):
 
 A unit must be a module that the model calls once per forward with one tensor, and that returns one tensor.
 
-Interface used from the quantized model (engineer 3's :mod:`dgh.quantization`):
+Interface used from the quantized model (:mod:`dgh.quantization`):
 
 - quantized weight layers (``QuantConv2d``/``QuantLinear``...) with ``weight_quantizer`` (a ``FakeQuantizer``:
   ``to_integer_domain``, ``broadcast``, ``zero_point``, ``qmin``, ``qmax``) and ``weight_rounding`` (here set to
@@ -51,13 +51,11 @@ Interface used from the quantized model (engineer 3's :mod:`dgh.quantization`):
 
 from __future__ import annotations
 
-import enum
 import math
 import warnings
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -68,6 +66,10 @@ from dgh.quantization.adaround import (
     optimize_rounding,
     reconstruction_loss,
 )
+from dgh.quantization.capture import QuantizedModel
+from dgh.quantization.config import ReconstructionConfig, ReconstructionMode
+from dgh.quantization.quantizers import FakeQuantizer
+from dgh.quantization.state import set_quant_state
 
 RESIDUAL_BLOCK_CLASSES = frozenset({"BasicBlock", "Bottleneck", "InvertedResidual"})
 DETECT_HEAD_CLASSES = frozenset({"Detect", "Segment", "Pose", "OBB", "v10Detect", "WorldDetect", "YOLOEDetect"})
@@ -77,54 +79,6 @@ MOBILENET_V2_BLOCK = "InvertedResidual"
 class ReconstructionError(ValueError):
     """Bad input to reconstruction (empty calibration set, a model without quantized layers, a unit the model
     calls more than once...). The message is one line."""
-
-
-class ReconstructionMode(str, enum.Enum):
-    """Granularity of the reconstruction: ``adaround`` = one weight layer at a time, ``brecq`` = one block."""
-
-    ADAROUND = "adaround"
-    BRECQ = "brecq"
-
-
-class ReconstructionConfig(BaseModel):
-    """Settings of :func:`reconstruct`; the defaults are the DGH paper code's (built on the BRECQ code).
-
-    Attributes:
-        mode: ``brecq`` (block reconstruction) or ``adaround`` (layer by layer).
-        iters: rounding-optimization steps per unit (paper: 20,000). Lower it for CPU budgets.
-        batch_size: calibration images per step (32).
-        reg_weight: rounding-regularizer weight; ``None`` = 0.01, or 0.1 when the model has MobileNetV2
-            ``InvertedResidual`` blocks (BRECQ code).
-        lr: Adam learning rate of the rounding logits (1e-3).
-        beta_start, beta_end, warmup: annealing of the regularizer exponent (20 -> 2 after 20 % of ``iters``).
-        learn_act_scales: learn activation step sizes jointly with the rounding (LSQ-style). Power-of-two
-            quantizers learn ``log2`` through their straight-through ``2^round(log2 s)`` projection: their step
-            stays a power of two.
-        act_lr: Adam learning rate of the activation step sizes (4e-4, DGH paper code), cosine decay to 0.
-        act_iters: extra steps per unit that refine only the activation step sizes with the weights hard-rounded
-            (paper code: 5,000). 0 disables.
-        cache_batch_size: batch size of the forward passes that cache a unit's inputs and targets.
-        keep_best: if a unit's loss on the calibration set ends above its loss with nearest rounding (possible with
-            very short CPU budgets), restore the unit's nearest rounding and step sizes; the report says so.
-        seed: seeds the batch draws (the result is deterministic for a seed and a device).
-    """
-
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
-
-    mode: ReconstructionMode = ReconstructionMode.BRECQ
-    iters: int = Field(20000, ge=0)
-    batch_size: int = Field(32, ge=1)
-    reg_weight: float | None = Field(None, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    beta_start: float = Field(20.0, gt=0)
-    beta_end: float = Field(2.0, gt=0)
-    warmup: float = Field(0.2, ge=0, lt=1)
-    learn_act_scales: bool = True
-    act_lr: float = Field(4e-4, gt=0)
-    act_iters: int = Field(5000, ge=0)
-    cache_batch_size: int = Field(64, ge=1)
-    keep_best: bool = True
-    seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- quantizer adapters
@@ -140,8 +94,8 @@ def is_weight_layer(module: nn.Module) -> bool:
 class LearnedRounding(nn.Module):
     """``v -> floor(v) + h(V)``: AdaRound's rounding of ``v = w / s``, set as a layer's ``weight_rounding``.
 
-    The layer's weight quantizer keeps applying its zero point, clamp and rescale (engineer 3's
-    ``FakeQuantizer.forward(x, rounding=...)``), so the fake-quantized weight is
+    The layer's weight quantizer keeps applying its zero point, clamp and rescale
+    (``FakeQuantizer.forward(x, rounding=...)``), so the fake-quantized weight is
     ``s * (clamp(floor(w/s) + h(V) + z, qmin, qmax) - z)`` (AdaRound eq. 22).
     """
 
@@ -169,23 +123,12 @@ def _adaround_for(layer: nn.Module) -> AdaRoundWeight:
     return AdaRoundWeight(v, torch.ones((), device=v.device), zero_point, int(wq.qmin), int(wq.qmax))
 
 
-def _set_quant_state(qmodel: nn.Module, weights: bool, activations: bool) -> None:
-    from dgh.quantization.api import (
-        set_quant_state,  # engineer 3's API (lazy: api imports this module lazily)
-    )
-
-    set_quant_state(qmodel, weights, activations)
-
-
 def _activation_quantizers(unit: nn.Module) -> list[nn.Module]:
     """Calibrated, active activation quantizers inside ``unit`` (layer output sites, add/cat/pool sites)."""
     return [
         m
         for m in unit.modules()
-        if type(m).__name__ == "FakeQuantizer"
-        and getattr(m, "role", "weight") != "weight"
-        and getattr(m, "initialized", False)
-        and not getattr(m, "bypass", False)
+        if isinstance(m, FakeQuantizer) and m.role != "weight" and m.initialized and not m.bypass
     ]
 
 
@@ -307,22 +250,14 @@ class _StopForward(Exception):
 def _abort_forward(qmodel: nn.Module) -> None:
     """Leave the quantized model's capture runtime idle after a forward pass stopped by :class:`_StopForward`
     (its entry post-hook, which normally exits the TorchFunctionMode and resets the call stack, did not run)."""
-    rt = getattr(qmodel, "runtime", None)
-    if rt is None:
-        return
-    if getattr(rt, "mode", None) is not None:
-        rt.mode.__exit__(None, None, None)
-    if hasattr(rt, "_reset"):
-        rt._reset()
+    if isinstance(qmodel, QuantizedModel):
+        qmodel.runtime.abort()
 
 
 def _resolve_pending(qmodel: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The quantized value of ``x`` if the runtime holds it as a pending site output (a tensor whose quantizer acts
     at its first consumer, i.e. inside the unit), else ``x``."""
-    rt = getattr(qmodel, "runtime", None)
-    if rt is None or getattr(rt, "pending", None) is None:
-        return x
-    return rt.resolve(x)
+    return qmodel.runtime.resolve(x) if isinstance(qmodel, QuantizedModel) else x
 
 
 def _capture(
@@ -591,13 +526,13 @@ def reconstruct(
         )
     reg_weight = config.reg_weight if config.reg_weight is not None else _default_reg_weight(qmodel)
     units = partition_units(qmodel, config.mode)
-    _set_quant_state(qmodel, True, True)
+    set_quant_state(qmodel, True, True)
     units = _call_order(qmodel, units, images[:1].to(dev))
     torch.manual_seed(config.seed)
     report = []
     bar = tqdm(units, desc=f"{config.mode.value} units", disable=not progress)
     for k, unit in enumerate(bar):
-        _set_quant_state(qmodel, True, True)
+        set_quant_state(qmodel, True, True)
         inputs = _capture(qmodel, unit, images, dev, config.cache_batch_size, "input")
         if float_model is not None:
             float_name = unit.name.removeprefix("model.") if hasattr(qmodel, "input_quantizer") else unit.name
@@ -607,9 +542,9 @@ def reconstruct(
                 raise ReconstructionError(f"float model has no submodule {float_name!r} for unit {unit.name!r}") from None
             targets = _capture_from(float_model, float_name, float_unit, images, dev, config.cache_batch_size, "output")
         else:
-            _set_quant_state(qmodel, False, False)
+            set_quant_state(qmodel, False, False)
             targets = _capture(qmodel, unit, images, dev, config.cache_batch_size, "output")
-        _set_quant_state(qmodel, True, True)
+        set_quant_state(qmodel, True, True)
         generator = torch.Generator().manual_seed(config.seed * 1000003 + k)
         stats = reconstruct_unit(unit, inputs, targets, config, reg_weight, generator, progress)
         report.append({"unit": unit.name, **stats})
@@ -617,7 +552,7 @@ def reconstruct(
         del inputs, targets
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    _set_quant_state(qmodel, True, True)
+    set_quant_state(qmodel, True, True)
     bake_learned_rounding(qmodel)
     qmodel.reconstruction_report = report
     if not all(math.isfinite(r["loss_after"]) for r in report):
