@@ -8,6 +8,10 @@ Commands (the contract of ``../shared/docs/architecture.md``)::
     dgh evaluate-imagenet --model NAME [--weights PATH] [--quantized DIR] --data IMAGEFOLDER --metrics-out FILE.json
     dgh evaluate-coco     --model NAME [--weights PATH] [--quantized DIR] --images DIR
                           (--annotations INSTANCES.json | --labels YOLO_LABEL_DIR) [--imgsz S] --metrics-out FILE.json
+    dgh stats     --model NAME [--weights PATH] --data IMAGES_PT_OR_FOLDER_OR_noise --out DIR [--reference REAL]
+                  [--quantized DIR]
+    dgh export  --model NAME [--weights PATH] [--imgsz S] --quantized DIR --out DIR [--calib SRC] [--opset N]
+                                                # DIR/model.onnx (QDQ) + export.json, checked in onnxruntime
     dgh report  [--params params.yaml]          # reports/results.md, accuracy.png, calibration_images.png
     dgh check   [--params params.yaml]          # validate params.yaml and every path it names
     dgh stage STAGE [ID]                        # one DVC stage by hand (dvc.yaml runs python -m dgh.pipeline.*)
@@ -32,20 +36,25 @@ from dgh.data import load_calibration_set
 from dgh.data.classification import ClassLayout
 from dgh.env import configure_offline, resolve_device
 from dgh.errors import validation_error_line
+from dgh.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, Backend, export_to_dir
 from dgh.generation import GenerationConfig, Method
 from dgh.models import get_spec, list_models, load_model
 from dgh.params import ParamsError, check_paths, load_params
 from dgh.pipeline.common import Project, open_project
 from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
+from dgh.pipeline.export import run_export
 from dgh.pipeline.generate import run_generate
 from dgh.pipeline.quantize import run_quantize
 from dgh.pipeline.report import run_report
+from dgh.pipeline.stats import run_stats
 from dgh.preflight import PreflightError, check_output_dir, merge_settings, output_lock
 from dgh.project_check import check_project
 from dgh.quantization import QuantConfig
 from dgh.runs.evaluate import ClassificationData, DetectionData, evaluate_to_file
 from dgh.runs.generate import generate_to_dir
 from dgh.runs.quantize import quantize_to_dir
+from dgh.runs.stats import quant_stats_to_dir, stats_to_dir
+from dgh.stats import ClipMode
 
 app = typer.Typer(
     name="dgh",
@@ -238,6 +247,85 @@ def quantize_cmd(
 
 
 QUANTIZED_OPT = typer.Option(None, "--quantized", help="Folder (or file) from `dgh quantize`; omit to evaluate the float model.")
+BACKEND_OPT = typer.Option("pytorch", "--backend", help="pytorch: the float or fake-quant PyTorch model; onnxruntime: the exported --onnx file (from `dgh export`), run by onnxruntime.")
+ONNX_OPT = typer.Option(None, "--onnx", help="model.onnx (or its folder) from `dgh export`; used with --backend onnxruntime.")
+
+
+def _backend(value: str) -> Backend:
+    try:
+        return Backend(value)
+    except ValueError:
+        raise CliError(f"--backend must be one of {', '.join(b.value for b in Backend)}, got {value!r}") from None
+
+
+@app.command("export")
+@friendly
+def export_cmd(
+    model: str = MODEL_OPT,
+    weights: Optional[Path] = WEIGHTS_OPT,
+    imgsz: Optional[int] = IMGSZ_OPT,
+    quantized: Path = typer.Option(..., "--quantized", help="Folder (or file) from `dgh quantize`."),
+    out: Path = typer.Option(..., "--out", help="Output folder: model.onnx (QuantizeLinear/DequantizeLinear) and export.json."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Images for the onnxruntime check (same sources as `dgh quantize --calib`). Default: random images over the valid pixel range."),
+    n_sample: int = typer.Option(8, "--n-sample", min=1, help="Number of images run through onnxruntime and PyTorch on export."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset."),
+) -> None:
+    """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear and check it in onnxruntime.
+
+    Fails (and writes nothing) when a quantized tensor differs from the fake-quant model by more than one
+    quantization step; export.json holds the file size, the QDQ counts and the agreement in steps.
+    """
+    loaded = load_model(model, str(weights) if weights else None, imgsz)
+    sample = load_calibration_set(calib, loaded, n_images=n_sample) if calib else None
+    record = {"model": model, "weights": str(weights) if weights else None, "quantized": str(quantized)}
+    summary = export_to_dir(loaded, quantized, out, sample_nchw=sample, opset=opset, record=record)
+    a = summary["agreement"]
+    typer.echo(f"wrote {out}/model.onnx ({summary['size_bytes'] / 1e6:.3f} MB, {summary['activation_qdq']} "
+               f"activation QDQ, {summary['weight_dq']} weight DQ); onnxruntime vs fake-quant: outputs within "
+               f"{a['max_output_steps']:g} steps, every tensor within {a['max_local_steps']:g} step given equal inputs")
+
+
+@app.command("stats")
+@friendly
+def stats_cmd(
+    model: str = MODEL_OPT,
+    weights: Optional[Path] = WEIGHTS_OPT,
+    imgsz: Optional[int] = IMGSZ_OPT,
+    data: str = typer.Option(..., "--data", help="The set: a folder with images.pt (from `dgh generate`) or the file, an ImageFolder, a folder of images, or 'noise'."),
+    n_images: Optional[int] = typer.Option(None, "--n-images", min=1, help="Use at most this many images (real folders: class-balanced subset; noise: default 1024)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the real-image subset / noise images."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Real images of the same model (same forms as --data) whose output coverage is stored next to the set's (stats.output_range_ratio)."),
+    n_reference: Optional[int] = typer.Option(None, "--n-reference", min=1, help="Use at most this many reference images."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name of the set in stats.json and the figures. Default: the --data value's last path part."),
+    quantized: Optional[Path] = typer.Option(None, "--quantized", help="Also the per-site clipping rates of this quantized model (`dgh quantize` folder) on --data: quant_stats.json."),
+    clip_mode: ClipMode = typer.Option(ClipMode.QUANTIZED, "--clip-mode", help="quantized: values each quantizer sees in the quantized model; float: with every quantizer off."),
+    out: Path = typer.Option(..., "--out", help="Output folder: stats.json, stats_layers.csv, stats_output_ranges.csv, stats_bn_layers.png, stats_output_ranges.png (+ quant_stats.json, quant_clipping.png)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass (memory only)."),
+    device: str = DEVICE_OPT,
+    progress: bool = PROGRESS_OPT,
+) -> None:
+    """Statistics of a calibration set (generated, real or noise) through the float model: per-layer BN distance
+    (mean and std terms), pixel mean/std and clamp fractions, output range per image, prediction entropy; with
+    --quantized, the clipping rate of every activation quantizer."""
+    _check_device(device)
+    check_output_dir(out)
+    with output_lock(out):
+        loaded = load_model(model, str(weights) if weights else None, imgsz)
+        images = load_calibration_set(data, loaded, n_images=n_images, seed=seed, progress=progress)
+        ref = None
+        if reference is not None:
+            ref_images = load_calibration_set(reference, loaded, n_images=n_reference, seed=seed, progress=progress)
+            ref = stats_to_dir(loaded, ref_images, out / "reference", source=Path(reference).name or "real",
+                               batch_size=batch_size, device=device, plots=False).stats
+        name = label or Path(data).name or data
+        doc = stats_to_dir(loaded, images, out, source=name, reference=ref, batch_size=batch_size, device=device)
+        if quantized is not None:
+            qs = quant_stats_to_dir(loaded, quantized, images, out, source=name, mode=ClipMode(clip_mode),
+                                    batch_size=batch_size, device=device)
+            doc_q = qs.summary()
+        else:
+            doc_q = {}
+    typer.echo(json.dumps({**doc.summary, **doc_q}))
 
 
 @app.command("evaluate-imagenet")
@@ -253,13 +341,17 @@ def evaluate_imagenet_cmd(
     metrics_out: Path = typer.Option(..., "--metrics-out", help="JSON file: top1, top5 (percent), n_images."),
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
+    backend: str = BACKEND_OPT,
+    onnx: Optional[Path] = ONNX_OPT,
 ) -> None:
     """Top-1 / top-5 accuracy (percent) of the float or quantized classifier on an ImageFolder."""
+    runtime = _backend(backend)
     _check_device(device)
     _check_metrics_out(metrics_out)
     loaded = load_model(model, str(weights) if weights else None, None)
     metrics = evaluate_to_file(loaded, ClassificationData(data, limit, batch_size, ClassLayout(class_layout)),
-                               metrics_out, quantized=quantized, device=device, progress=progress)
+                               metrics_out, quantized=quantized, device=device, progress=progress, backend=runtime,
+                               onnx=onnx)
     typer.echo(json.dumps(metrics))
 
 
@@ -277,13 +369,17 @@ def evaluate_coco_cmd(
     metrics_out: Path = typer.Option(..., "--metrics-out", help="JSON file: map (mAP@[.5:.95], 0-1), map50 (0-1), n_images."),
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
+    backend: str = BACKEND_OPT,
+    onnx: Optional[Path] = ONNX_OPT,
 ) -> None:
     """COCO mAP (pycocotools) of the float or quantized detector; letterboxed input, decoding and NMS in float."""
+    runtime = _backend(backend)
     data = DetectionData(images, labels=labels, annotations=annotations, imgsz=imgsz, batch_size=batch_size)
     _check_device(device)
     _check_metrics_out(metrics_out)
     loaded = load_model(model, str(weights) if weights else None, imgsz)
-    metrics = evaluate_to_file(loaded, data, metrics_out, quantized=quantized, device=device, progress=progress)
+    metrics = evaluate_to_file(loaded, data, metrics_out, quantized=quantized, device=device, progress=progress,
+                               backend=runtime, onnx=onnx)
     typer.echo(json.dumps(metrics))
 
 
@@ -318,9 +414,11 @@ def check_cmd(params: Path = PARAMS_OPT) -> None:
 STAGES: dict[str, Callable[[Project, str], Path]] = {
     "generate": run_generate,
     "quantize": run_quantize,
+    "export": run_export,
     "evaluate": run_evaluate,
     "evaluate_imagenet_float": lambda project, model: run_evaluate_float(project, "imagenet", model),
     "evaluate_coco_float": lambda project, model: run_evaluate_float(project, "coco", model),
+    "stats": run_stats,
     "report": run_report,
 }
 
@@ -329,7 +427,7 @@ STAGES: dict[str, Callable[[Project, str], Path]] = {
 @friendly
 def stage_cmd(
     stage: str = typer.Argument(..., help=" | ".join(STAGES)),
-    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, evaluate) or model key (*_float)."),
+    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, export, evaluate) or model key (*_float, stats)."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Run one pipeline stage by hand (dvc.yaml runs the same functions as python -m dgh.pipeline.<stage>)."""

@@ -15,6 +15,7 @@ Layout (see the file itself for the defaults and ``README.md`` for how to edit i
       eval: {<model>: {images: DIR, labels: DIR | annotations: JSON, batch_size}}
       experiments: {...same as imagenet...}
     report: {out_dir: reports, grid_images: 8}
+    export: {enabled: true, opset: 17, sample_images: 8, evaluate_backend: pytorch}   # stage `export` (ONNX QDQ)
 
 Relative data and weights paths are relative to ``assets``; absolute paths are used as they are. The asset root
 itself, when relative, is relative to the folder that holds ``params.yaml``.
@@ -216,6 +217,27 @@ class ReportParams(_Strict):
     grid_images: int = Field(8, ge=1, le=64)
 
 
+class ExportParams(_Strict):
+    """Stage ``export``: each quantized experiment as ``stages/export/<exp-id>/model.onnx`` (QuantizeLinear /
+    DequantizeLinear, :mod:`dgh.export`), checked in onnxruntime on ``sample_images`` calibration images.
+
+    ``enabled: false`` skips the export (the stage then only writes ``export.json`` saying so).
+    ``evaluate_backend``: ``pytorch`` evaluates the fake-quant model, ``onnxruntime`` the exported file (needs
+    ``enabled``); the report marks the cells of each backend.
+    """
+
+    enabled: bool = True
+    opset: int = Field(17, ge=13, le=20)
+    sample_images: int = Field(8, ge=1)
+    evaluate_backend: Literal["pytorch", "onnxruntime"] = "pytorch"
+
+    @model_validator(mode="after")
+    def _backend_needs_export(self) -> ExportParams:
+        if self.evaluate_backend == "onnxruntime" and not self.enabled:
+            raise ValueError("export.evaluate_backend: onnxruntime evaluates the exported file; set export.enabled: true")
+        return self
+
+
 class Params(_Strict):
     """The whole of ``params.yaml``. Load it with :func:`load_params`."""
 
@@ -227,6 +249,7 @@ class Params(_Strict):
     imagenet: ImagenetTask = Field(default_factory=ImagenetTask)
     coco: CocoTask = Field(default_factory=CocoTask)
     report: ReportParams = Field(default_factory=ReportParams)
+    export: ExportParams = Field(default_factory=ExportParams)
 
     # filled by parse_params, not part of the file
     _root: Path = PrivateAttr(default_factory=lambda: Path(".").resolve())

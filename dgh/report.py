@@ -32,6 +32,7 @@ from dgh.io import atomic_write, load_images, write_json, write_text
 from dgh.layout import StageLayout, float_id
 from dgh.models import get_spec
 from dgh.params import REAL, Params
+from dgh.stats.outputs import STATS_DIR, STATS_FILE, StatsFile, read_stats, stats_table_markdown
 from dgh.tracking import git_commit
 
 matplotlib.use("Agg")
@@ -114,6 +115,14 @@ def _fmt(value: float | None, delta: float | None, digits: int, is_float_row: bo
     return f"{value:.{digits}f} ({delta:+.{digits}f})"
 
 
+ONNX_MARK = " †"
+
+
+def _backend_mark(cell: Cell) -> str:
+    """`` †`` for a cell scored by onnxruntime on the exported ``model.onnx`` (metrics ``backend``), else empty."""
+    return ONNX_MARK if cell.value is not None and cell.metrics.get("backend") == "onnxruntime" else ""
+
+
 def table_markdown(cells: list[Cell], task: str, model: str) -> str:
     """The markdown table of one task and model (rows: sources; columns: settings; float row repeated)."""
     mine = [c for c in cells if c.task == task and c.model == model]
@@ -129,7 +138,7 @@ def table_markdown(cells: list[Cell], task: str, model: str) -> str:
                 out.append(_fmt(float_cell.value if float_cell else None, None, digits, True))
                 continue
             c = next((c for c in mine if c.row == row and c.setting == s), None)
-            out.append("" if c is None else _fmt(c.value, c.delta, digits, False))
+            out.append("" if c is None else _fmt(c.value, c.delta, digits, False) + _backend_mark(c))
         lines.append(f"| {row} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -200,8 +209,20 @@ def _set_description(params: Params, set_id: str) -> str:
     return f"{c.n_images} images x {c.iterations} iterations, batch {c.batch_size}, seed {c.seed}{extra}"
 
 
-def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") -> str:
-    """The whole of ``results.md``."""
+def read_set_stats(params: Params, root: Path, model: str) -> dict[str, StatsFile]:
+    """``{set id: stats.json}`` of the calibration sets of ``model`` that the stage ``stats`` has written."""
+    out = {}
+    for set_id, g in params.generate.items():
+        path = StageLayout(root).stage_dir(STATS_DIR, model) / set_id / STATS_FILE
+        if g.model == model and path.is_file():
+            out[set_id] = read_stats(path)
+    return dict(sorted(out.items(), key=lambda kv: _row_sort_key(kv[1].stats.source)))
+
+
+def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
+                    set_stats: dict[str, dict[str, StatsFile]] | None = None) -> str:
+    """The whole of ``results.md``; ``set_stats`` (``{model: {set id: stats.json}}``) adds a calibration-set
+    statistics table per model."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# DGH reproduction: results",
@@ -211,6 +232,8 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") 
         "Rows: where the calibration images came from; columns: `WxAy preset algorithm` (x-bit weights, y-bit",
         "activations); cells: the metric, and in parentheses its difference to the float model on the same images.",
         "`—` = not run yet. Calibration sets are listed under each table.",
+        "Backend: quantized cells come from the PyTorch fake-quant model, except those marked `†`, which onnxruntime",
+        "computed on the exported `model.onnx` (stage `export`, `export.evaluate_backend` in params.yaml).",
         "",
     ]
     for task, title in (("imagenet", "Classification"), ("coco", "Detection")):
@@ -236,6 +259,11 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown") 
             for sid in used:
                 out.append(f"- `{sid}` ({params.generate[sid].source}): {_set_description(params, sid)}")
             out.append("")
+            table = stats_table_markdown((set_stats or {}).get(model, {}))
+            if table:
+                out += [f"Calibration-set statistics of {model} (stage `stats`, `stages/stats/{model}/`; L_BN as in "
+                        "method.md section 3 on the whole set; pixels within half an 8-bit level of 0 or 1; output "
+                        "range = max - min of one image's output):", "", table, ""]
     out += ["## Figures", "", "![accuracy by calibration source](accuracy.png)", "",
             "![generated calibration images next to real images](calibration_images.png)", ""]
     return "\n".join(out)
@@ -346,7 +374,8 @@ def write_report(params: Params, root: str | Path) -> Path:
     out_dir = root / params.report.out_dir
     cells = collect(params, root)
     commit = git_commit(root)
-    md = render_markdown(params, cells, commit)
+    set_stats = {model: read_set_stats(params, root, model) for model in params.models}
+    md = render_markdown(params, cells, commit, set_stats)
     write_json({"commit": commit, "cells": [asdict(c) for c in cells]}, out_dir / "results.json")
     png = plot_accuracy(cells)
     atomic_write(out_dir / "accuracy.png", lambda p: p.write_bytes(png))

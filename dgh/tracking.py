@@ -204,7 +204,9 @@ class Tracker:
             if exp is not None:
                 return exp.experiment_id
             location = (self.artifact_root / name).resolve().as_uri()
-            return self.client.create_experiment(name, artifact_location=location)
+            # MLflow 3's UI opens experiments without this tag in its GenAI view (traces), not the runs/compare view
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
 
     def find_run(self, experiment: str, run_key: str) -> str | None:
         """The newest run of ``experiment`` tagged ``dgh.run_key = run_key``, or None."""

@@ -32,9 +32,10 @@ def plain(text: str) -> str:
         ("quantize", ["--calib", "--preset", "--w-bits", "--a-bits", "--algorithm", "--out", "power-of-two"]),
         ("evaluate-imagenet", ["--quantized", "--data", "--metrics-out", "percent"]),
         ("evaluate-coco", ["--images", "--annotations", "--labels", "--imgsz", "0-1", "pixels"]),
+        ("export", ["--quantized", "--out", "--calib", "--opset", "QuantizeLinear"]),
         ("report", ["--params"]),
         ("models", []),
-        ("stage", ["generate", "quantize"]),
+        ("stage", ["generate", "quantize", "export"]),
     ],
 )
 def test_help_explains_options(command, must_mention):
@@ -157,3 +158,40 @@ def test_console_script_entry_point_runs_offline():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "resnet20_cifar10" in proc.stdout and "classification" in proc.stdout
+
+
+def test_export_then_evaluate_with_onnxruntime(tmp_path):
+    """quantize -> export -> evaluate-imagenet --backend onnxruntime: the exported file scores like the fake-quant
+    model (within one image of 10), export.json carries the agreement, bad backends are one-line errors."""
+    torch.manual_seed(0)
+    from dgh.models.cifar_resnet import cifar_resnet
+
+    weights = tmp_path / "r20.th"
+    torch.save({"state_dict": cifar_resnet(20).state_dict()}, weights)
+    q, onnx_dir, data = tmp_path / "q", tmp_path / "onnx", _tiny_image_folder(tmp_path / "data")
+    common = ["--model", "resnet20_cifar10", "--weights", str(weights)]
+    res = runner.invoke(app, ["quantize", *common, "--calib", "noise", "--n-calib", "4", "--preset", "pot",
+                              "--out", str(q), "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output + res.stderr
+    res = runner.invoke(app, ["export", *common, "--quantized", str(q), "--out", str(onnx_dir), "--calib", str(data),
+                              "--n-sample", "4"])
+    assert res.exit_code == 0, res.output + res.stderr
+    record = json.loads((onnx_dir / "export.json").read_text())
+    assert record["agreement"]["ok"] and record["agreement"]["max_local_steps"] <= 1.0
+    assert record["size_bytes"] == (onnx_dir / "model.onnx").stat().st_size
+    metrics = {}
+    for backend in ("pytorch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        res = runner.invoke(app, ["evaluate-imagenet", *common, "--quantized", str(q), "--onnx", str(onnx_dir),
+                                  "--backend", backend, "--data", str(data), "--metrics-out", str(out),
+                                  "--no-progress", "--device", "cpu"])
+        assert res.exit_code == 0, res.output + res.stderr
+        metrics[backend] = json.loads(out.read_text())
+        assert metrics[backend]["backend"] == backend
+    assert abs(metrics["pytorch"]["top1"] - metrics["onnxruntime"]["top1"]) <= 10.0  # at most 1 of 10 images
+    res = runner.invoke(app, ["evaluate-imagenet", *common, "--backend", "tensorrt", "--data", str(data),
+                              "--metrics-out", str(tmp_path / "x.json")])
+    _assert_one_line_error(res, "--backend")
+    res = runner.invoke(app, ["evaluate-imagenet", *common, "--backend", "onnxruntime", "--data", str(data),
+                              "--metrics-out", str(tmp_path / "x.json")])
+    _assert_one_line_error(res, "--onnx")

@@ -120,10 +120,13 @@ def test_dvc_yaml_matches_params():
         "generate": ("${generate}", set(params.generate)),
         "quantize_imagenet": ("${imagenet.experiments}", set(params.imagenet.experiments)),
         "quantize_coco": ("${coco.experiments}", set(params.coco.experiments)),
+        "export_imagenet": ("${imagenet.experiments}", set(params.imagenet.experiments)),
+        "export_coco": ("${coco.experiments}", set(params.coco.experiments)),
         "evaluate_imagenet": ("${imagenet.experiments}", set(params.imagenet.experiments)),
         "evaluate_coco": ("${coco.experiments}", set(params.coco.experiments)),
         "evaluate_imagenet_float": ("${imagenet.eval}", set(params.imagenet.eval)),
         "evaluate_coco_float": ("${coco.eval}", set(params.coco.eval)),
+        "stats": ("${models}", set(params.models)),
     }
     assert set(dvc) == set(expected) | {"inputs", "report"}
     for name, (foreach, _) in expected.items():
@@ -145,3 +148,12 @@ def test_paper_scale_params_validate(monkeypatch):
         ("paper", 4, 4, "brecq"), ("pot", 8, 8, "mse"), ("pot", 4, 8, "mse")}
     dgh_sets = [g for g in params.generate.values() if g.source == "dgh"]
     assert all((g.config.n_images, g.config.iterations) == (1024, 1000) for g in dgh_sets)
+
+
+def test_export_params_defaults_and_backend_check(tmp_path):
+    params = parse_params(minimal(), tmp_path)
+    assert params.export.enabled and params.export.evaluate_backend == "pytorch" and params.export.opset == 17
+    with pytest.raises(ParamsError, match="export.evaluate_backend"):
+        parse_params({**minimal(), "export": {"enabled": False, "evaluate_backend": "onnxruntime"}}, tmp_path)
+    with pytest.raises(ParamsError, match="export.opset"):
+        parse_params({**minimal(), "export": {"opset": 11}}, tmp_path)

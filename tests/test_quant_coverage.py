@@ -14,9 +14,11 @@ from timm.layers import StdConv2d
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 from torchvision.models import get_model_weights
+from typer.testing import CliRunner
 
+from dgh.cli import app
 from dgh.models import load_model
-from dgh.models.registry import RANDOM_WEIGHTS, REGISTRY
+from dgh.models.registry import RANDOM_WEIGHTS, get_spec, list_models
 from dgh.models.spec import LoadedModel, ModelSpec
 from dgh.quantization import (
     QUANT_LAYER_TYPES,
@@ -439,7 +441,7 @@ def _float_layers_run(model: nn.Module, images: torch.Tensor) -> set[str]:
 
 def _num_params(name: str) -> int | None:
     """Parameter count of a torchvision model from its weights' metadata (no build, no download); else ``None``."""
-    if REGISTRY[name][0]().family != "torchvision":
+    if get_spec(name).family != "torchvision":
         return None
     return int(get_model_weights(name).DEFAULT.meta["num_params"])
 
@@ -491,7 +493,7 @@ def _full_sweep_requested(config: pytest.Config) -> bool:
 
 
 @pytest.mark.sweep
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(spec.name for spec in list_models()))  # what `dgh models` lists
 def test_registry_sweep_every_model_covered_or_refused(name, request):
     if not _full_sweep_requested(request.config):
         pytest.skip("full registry sweep (minutes): run with -m sweep or DGH_FULL_SWEEP=1")
@@ -523,3 +525,14 @@ def test_adaround_reconstructs_transposed_and_padding_subclass_convs(tmp_path):
     save_quantized(qm, tmp_path / "quantized.pt")
     with torch.no_grad():
         assert torch.equal(load_quantized(loaded, tmp_path)(images), qm(images))
+
+
+@pytest.mark.parametrize(("name", "reason"), [("vit_b_32", "MultiheadAttention"), ("swin_t", "straight to linear")])
+def test_refused_architecture_is_a_one_line_cli_error(name, reason, tmp_path):
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["quantize", "--model", name, "--weights", "random", "--calib", "noise",
+                                   "--n-calib", "1", "--preset", "pot", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip().splitlines()[-1]  # the progress bar may precede it on stderr
+    assert err.startswith("error: ") and reason in err and "not supported" in err and "Traceback" not in res.output
+    assert not (out / "quantized.pt").exists()

@@ -12,6 +12,7 @@ Public API:
 
 from dgh.export.api import (
     EXPORT_RECORD_FILE,
+    EXPORT_STAGE,
     ONNX_FILE,
     ExportResult,
     export_float_onnx,
@@ -19,7 +20,7 @@ from dgh.export.api import (
     export_to_dir,
     random_sample,
 )
-from dgh.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportedGraph, QuantizerNode, export_onnx
+from dgh.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportedGraph, QuantizerNode, export_onnx
 from dgh.export.qdq import ExportError, QuantParams
 from dgh.export.runtime import (
     Backend,
@@ -36,6 +37,8 @@ from dgh.export.verify import Agreement, AgreementError, TensorAgreement, check_
 __all__ = [
     "DEFAULT_OPSET",
     "EXPORT_RECORD_FILE",
+    "EXPORT_STAGE",
+    "MAX_OPSET",
     "MIN_OPSET",
     "ONNX_FILE",
     "Agreement",

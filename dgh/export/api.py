@@ -22,6 +22,7 @@ from dgh.quantization.capture import QuantizedModel
 
 DEFAULT_SAMPLE_IMAGES = 8
 ONNX_FILE = "model.onnx"
+EXPORT_STAGE = "export"  # the pipeline stage, and its folder stages/export/<exp-id>/
 EXPORT_RECORD_FILE = "export.json"
 
 

@@ -140,7 +140,8 @@ def onnx_model_for(loaded: LoadedModel, path: str | Path, threads: int | None = 
 def evaluate_classification_onnx(path: str | Path, spec: ModelSpec, data_dir: str | Path, limit: int | None = None,
                                  batch_size: int = 256, progress: bool = True, num_workers: int | None = None,
                                  threads: int | None = None,
-                                 optimization: GraphOptimization = DEFAULT_OPTIMIZATION) -> dict:
+                                 optimization: GraphOptimization = DEFAULT_OPTIMIZATION,
+                                 class_layout: str = "names") -> dict:
     """Top-1/top-5 of the exported classifier on an ImageFolder, run by onnxruntime (same preprocessing and
     metrics as :func:`dgh.evaluation.evaluate_classification`; returns its dict plus ``"backend": "onnxruntime"``).
 
@@ -150,7 +151,7 @@ def evaluate_classification_onnx(path: str | Path, spec: ModelSpec, data_dir: st
     """
     model = OnnxRuntimeModel(path, as_list=False, threads=threads, optimization=optimization)
     metrics = evaluate_classification(model, spec, data_dir, limit=limit, batch_size=batch_size, device="cpu",
-                                      progress=progress, num_workers=num_workers, amp=False)
+                                      progress=progress, num_workers=num_workers, amp=False, class_layout=class_layout)
     return {**metrics, "backend": Backend.onnxruntime.value, "ort_optimization": GraphOptimization(optimization).value}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dgh.export import EXPORT_STAGE, ONNX_FILE, Backend
 from dgh.layout import float_id
 from dgh.pipeline.common import Project, StageError, experiment_tags, mlflow_run, stage_main
 from dgh.runs.evaluate import ClassificationData, DetectionData, evaluate_to_file
@@ -49,13 +50,18 @@ def run_evaluate(project: Project, experiment_id: str) -> Path:
     record = {"experiment": experiment_id, "model": e.model, "calib": params.generation(e.calib).source,
               "setting": e.setting}
     out = layout.metrics_file(task, experiment_id)
+    backend = params.export.evaluate_backend  # onnxruntime: score stages/export/<exp-id>/model.onnx itself
+    onnx = layout.stage_dir(EXPORT_STAGE, experiment_id) / ONNX_FILE
+    if backend == Backend.onnxruntime.value and not onnx.is_file():
+        raise StageError(f"{onnx} not found; run `dvc repro` for the export stage of {experiment_id}")
     metrics = evaluate_to_file(project.load_model(e.model), data, out, quantized=qpath, record=record,
-                               device=params.device, progress=params.progress)
+                               device=params.device, progress=params.progress, backend=backend, onnx=onnx)
     tracker = project.tracker()
     with mlflow_run(tracker, e.model, experiment_id, fresh=False,
                     tags=experiment_tags(params, experiment_id, f"evaluate_{task}")) as run_id:
         if tracker is not None and run_id is not None:
             tracker.log_metrics(run_id, metrics)
+            tracker.set_tags(run_id, {f"dgh.backend.evaluate_{task}": backend})
             tracker.log_artifact(run_id, out, "evaluation")
     return out.parent
 

@@ -1,5 +1,5 @@
 """Public entry points: :func:`quantize_model`, :func:`save_quantized`, :func:`load_quantized`,
-:func:`write_quantization_report`, :func:`set_quant_state` (from :mod:`dgh.quantization.state`).
+:func:`write_quantization_report` (:func:`set_quant_state` lives in :mod:`dgh.quantization.state`).
 
 Calibration (post-training, no labels):
 
@@ -46,7 +46,6 @@ from dgh.quantization.layers import QUANT_LAYER_TYPES
 from dgh.quantization.presets import PresetSpec, preset_spec
 from dgh.quantization.quantizers import FakeQuantizer, is_power_of_two
 from dgh.quantization.reconstruction import bake_learned_rounding, reconstruct
-from dgh.quantization.state import set_quant_state
 from dgh.quantization.thresholds import (
     ActivationObserver,
     SiteStats,

@@ -11,6 +11,7 @@ from torch import nn
 
 from dgh.data.classification import ClassLayout
 from dgh.evaluation import evaluate_classification, evaluate_coco
+from dgh.export import Backend, onnx_model_for
 from dgh.io import write_json
 from dgh.layout import QUANTIZED_FILE
 from dgh.models import LoadedModel
@@ -73,18 +74,29 @@ def evaluate_to_file(
     record: dict[str, Any] | None = None,
     device: str | None = None,
     progress: bool = True,
+    backend: Backend | str = Backend.pytorch,
+    onnx: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the float model or the one in ``quantized`` and write ``metrics_out`` (JSON).
 
     Classification (:class:`ClassificationData`): ``top1``, ``top5`` (percent), ``n_images``.
     Detection (:class:`DetectionData`): ``map`` (mAP@[.5:.95], 0-1), ``map50`` (0-1), ``n_images``.
-    The file holds those metrics, then ``record`` and ``seconds`` (wall time).
+    The file holds those metrics, ``backend`` (``pytorch``, or ``onnxruntime`` when ``backend`` is onnxruntime: the
+    exported ``onnx`` file is run by onnxruntime on the CPU, see :mod:`dgh.export.runtime`), then ``record`` and
+    ``seconds`` (wall time).
 
     Returns:
         the metrics (without ``record``/``seconds``).
     """
     t0 = time.perf_counter()
-    net = model_to_evaluate(loaded, quantized)
+    backend = Backend(backend)
+    if backend == Backend.onnxruntime:
+        if onnx is None:
+            raise EvaluationInputError("--backend onnxruntime needs the exported model (--onnx model.onnx or its folder)")
+        net = onnx_model_for(loaded, onnx)
+        device = "cpu"  # the session copies to the host itself
+    else:
+        net = model_to_evaluate(loaded, quantized)
     if isinstance(data, ClassificationData):
         metrics = evaluate_classification(net, loaded.spec, str(data.data), limit=data.limit,
                                           batch_size=data.batch_size, device=device, progress=progress,
@@ -94,5 +106,6 @@ def evaluate_to_file(
                                 annotations=str(data.annotations) if data.annotations else None,
                                 labels=str(data.labels) if data.labels else None, imgsz=data.imgsz,
                                 batch_size=data.batch_size, device=device, progress=progress)
+    metrics = {**metrics, "backend": backend.value}
     write_json({**metrics, **(record or {}), "seconds": round(time.perf_counter() - t0, 2)}, metrics_out)
     return metrics

@@ -1,0 +1,196 @@
+"""stats.json / DVC plot files and the MLflow record of calibration-set statistics (dgh/stats/outputs.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dgh.cli import app
+from dgh.generation import GenerationConfig
+from dgh.models import load_model
+from dgh.runs.generate import generate_to_dir
+
+from dgh.stats import StatsError, calibration_set_stats
+from dgh.stats.outputs import (
+    LAYER_COLUMNS,
+    log_stats,
+    make_stats_file,
+    read_stats,
+    stats_table_markdown,
+    write_stats,
+)
+from dgh.tracking import Tracker
+from tests.test_stats import ChannelMeanLogits, TinyBNNet, _images, _loaded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def two_sets():
+    loaded = _loaded(TinyBNNet())
+    real = calibration_set_stats(loaded, _images(6, seed=1), source="real")
+    synth = calibration_set_stats(loaded, _images(6, seed=2) * 0.5, source="dgh")
+    return real, synth
+
+
+def test_write_and_read_stats_files(tmp_path, two_sets) -> None:
+    real, synth = two_sets
+    paths = write_stats(tmp_path, synth, reference=real)
+    assert [p.name for p in paths] == ["stats.json", "stats_layers.csv", "stats_output_ranges.csv",
+                                       "stats_bn_layers.png", "stats_output_ranges.png"]
+    doc = read_stats(tmp_path)
+    assert doc.stats == synth and doc.reference == real
+    assert doc.summary["stats.output_range_ratio"] == pytest.approx(synth.output_range_mean / real.output_range_mean)
+    with open(tmp_path / "stats_layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == LAYER_COLUMNS
+    assert [r["name"] for r in rows] == [layer.name for layer in synth.bn_layers]
+    assert sum(float(r["bn_distance"]) for r in rows) == pytest.approx(synth.bn_distance, rel=1e-8)
+    with open(tmp_path / "stats_output_ranges.csv") as f:
+        ranges = list(csv.DictReader(f))
+    assert len(ranges) == synth.n_images
+    assert [float(r["range"]) for r in ranges] == pytest.approx(synth.outputs[0].ranges, rel=1e-6)
+    with pytest.raises(StatsError, match="not found"):
+        read_stats(tmp_path / "absent")
+    other = calibration_set_stats(_loaded(ChannelMeanLogits()), _images(2))
+    other = other.model_copy(update={"model": "other"})
+    with pytest.raises(StatsError, match="another|model"):
+        make_stats_file(synth, reference=other)
+
+
+def test_log_stats_to_mlflow(tmp_path, two_sets) -> None:
+    real, synth = two_sets
+    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlartifacts", commit="abc")
+    rid = tracker.start_run("tiny", "generate/tiny-dgh", fresh=True)
+    files = write_stats(tmp_path / "set", synth, reference=real)
+    doc = make_stats_file(synth, reference=real)
+    n = log_stats(tracker, rid, doc, artifacts=files)
+    tracker.finish(rid)
+    run = tracker.client.get_run(rid)
+    # the MLflow 3 UI shows the runs/compare view (not the GenAI traces view) for experiments of this kind
+    assert tracker.client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+    for key in ("stats.bn_distance", "stats.clip_low", "stats.clip_high", "stats.output_range_ratio",
+                "stats.pred_entropy"):
+        assert run.data.metrics[key] == pytest.approx(doc.summary[key])
+    hist = tracker.client.get_metric_history(rid, "stats.layer.bn_distance")
+    assert sorted(m.step for m in hist) == [layer.index for layer in synth.bn_layers]
+    assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(
+        [layer.distance for layer in synth.bn_layers])
+    assert n == len(doc.summary) + 3 * len(synth.bn_layers)
+    listed = {a.path for a in tracker.client.list_artifacts(rid, "stats")}
+    assert {"stats/stats.json", "stats/stats_layers.csv", "stats/stats_layers.json"} <= listed
+    local = tracker.client.download_artifacts(rid, "stats/stats_layers.json", str(tmp_path / "dl"))
+    with open(local) as f:
+        tab = json.load(f)
+    assert tab["columns"][:2] == ["layer", "name"]
+    assert [row[1] for row in tab["data"]] == [layer.name for layer in synth.bn_layers]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_rest_api_returns_stats_metrics_of_generated_sets(tmp_path, two_sets) -> None:
+    """The stats.* metrics of a generated set's run, read back through a real `mlflow server`'s REST API."""
+    real, synth = two_sets
+    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlartifacts", commit="abc")
+    rid = tracker.start_run("tiny", "generate/tiny-dgh", fresh=True, tags={"dgh.kind": "generation", "dgh.calib": "dgh"})
+    doc = make_stats_file(synth, reference=real)
+    log_stats(tracker, rid, doc)
+    tracker.finish(rid)
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=tiny", timeout=10) as r:
+            exp_id = json.load(r)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [exp_id], "filter": "tags.`dgh.kind` = 'generation'"})
+        req = urllib.request.Request(f"{base}/runs/search", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        assert len(runs) == 1
+        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+        for key in ("stats.bn_distance", "stats.clip_low", "stats.clip_high", "stats.output_range_ratio",
+                    "stats.pred_entropy"):
+            assert metrics[key] == pytest.approx(doc.summary[key], rel=1e-9)
+        query = f"run_id={rid}&metric_key=stats.layer.bn_distance"
+        with urllib.request.urlopen(f"{base}/metrics/get-history?{query}", timeout=10) as r:
+            history = json.load(r)["metrics"]
+        assert sorted((m["step"], m["value"]) for m in history) == [
+            (layer.index, pytest.approx(layer.distance, rel=1e-9)) for layer in synth.bn_layers]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_report_table_has_one_row_per_source(two_sets) -> None:
+    real, synth = two_sets
+    table = stats_table_markdown({"tiny-real": make_stats_file(real), "tiny-dgh": make_stats_file(synth, real)})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| real (`tiny-real`) | 6 |")
+    dgh_row = lines[3].split(" | ")
+    assert dgh_row[0] == "| dgh (`tiny-dgh`)"
+    assert dgh_row[2].startswith(f"{synth.bn_distance:.3g} (")
+    assert dgh_row[5] == f"{synth.output_range_mean / real.output_range_mean:.2f}"
+    assert lines[3].endswith(f"| {synth.predictions.entropy_nats:.2f} / {synth.predictions.distinct} |")
+
+
+def test_dgh_stats_command_on_noise(tmp_path, resnet20_weights) -> None:
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["stats", "--model", "resnet20_cifar10", "--weights", str(resnet20_weights),
+                                      "--data", "noise", "--n-images", "8", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    doc = read_stats(out)
+    assert doc.stats.n_images == 8 and doc.stats.source == "noise"
+    assert summary["stats.bn_distance"] == pytest.approx(doc.stats.bn_distance)
+    assert len(doc.stats.bn_layers) == 20  # 19 BN layers + the input pseudo-layer
+    bad = CliRunner().invoke(app, ["stats", "--model", "resnet20_cifar10", "--weights", str(resnet20_weights),
+                                   "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_generate_to_dir_writes_stats_matching_the_generation_bn_distance(tmp_path, resnet20_weights) -> None:
+    loaded = load_model("resnet20_cifar10", str(resnet20_weights))
+    config = GenerationConfig.for_method("dgh", n_images=6, iterations=1, batch_size=3)
+    result = generate_to_dir(loaded, config, tmp_path, device="cpu", progress=False)
+    doc = read_stats(tmp_path)
+    # the same images, the same L_BN definition and batch size as the engine's final bn_distance
+    assert doc.stats.bn_distance == pytest.approx(result.loss_terms["bn_distance"], rel=1e-12)
+    assert doc.stats.source == "dgh" and doc.stats.n_images == 6
