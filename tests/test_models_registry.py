@@ -16,7 +16,8 @@ def test_list_models_covers_every_family() -> None:
     assert {"resnet20_cifar10", "resnet56_cifar10", "resnet110_cifar10"} <= set(specs)
     assert {"resnet18", "resnet50", "mobilenet_v2"} <= set(specs)
     assert {"yolov8n", "yolo11n", "yolov5n", "yolov5x"} <= set(specs)
-    assert {s.family for s in specs.values()} == {"cifar_resnet", "torchvision", "ultralytics", "yolov5_classic"}
+    assert {s.family for s in specs.values()} == {"cifar_resnet", "torchvision", "ultralytics", "yolov5_classic",
+                                                  "efficientnet_lite"}
     assert all(s.default_weights for s in specs.values())
 
 

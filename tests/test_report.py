@@ -111,3 +111,20 @@ def test_dgh_comparison_rows(tmp_path):
     assert lines[0] == "| setting | dgh − float | dgh − real | dgh − noise |"
     assert lines[2] == "| W8A8 pot mse | -0.75 | -0.25 | +10.25 |"
     assert lines[3] == "| W4A8 pot mse | -6.00 | — | — |"
+
+
+def test_main_table_claim_sentence(tmp_path):
+    from dgh.report import main_table_claim
+
+    params = _params(tmp_path)
+    _write(tmp_path, "imagenet", "resnet20_cifar10-float", {"top1": 81.0, "top5": 99.0, "n_images": 100})
+    values = {"r-real-w8": 80.5, "r-dgh-w8": 79.75, "r-noise-w8": 70.0, "r-real-w4": 60.0, "r-dgh-w4": 57.0,
+              "r-noise-w4": 58.0}
+    for eid, v in values.items():
+        _write(tmp_path, "imagenet", eid, {"top1": v, "top5": 99.0, "n_images": 100})
+    claim = main_table_claim(collect(params, tmp_path), "imagenet", "resnet20_cifar10")
+    # W8A8: -0.75 is on par (within 1), W4A8: -3.00 is not; DGH beats noise at W8A8 only -> 2 of 4 counts
+    assert "support it in part" in claim
+    assert "DGH − real -0.75 at W8A8 pot mse; DGH − real -3.00 at W4A8 pot mse" in claim
+    assert "DGH ahead in 1 of 2 comparisons" in claim
+    assert main_table_claim(collect(params, tmp_path), "coco", "yolov5n") == ""

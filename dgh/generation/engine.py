@@ -30,6 +30,7 @@ from dgh.generation.bn_stats import (
     image_moments,
 )
 from dgh.generation.config import (
+    DEFAULT_OUTPUT_LOSS_RATIO,
     Amp,
     GenerationConfig,
     GenerationConfigError,
@@ -40,6 +41,7 @@ from dgh.generation.config import (
     effective_lr,
 )
 from dgh.generation.losses import (
+    balanced_output_weight,
     bn_alignment_loss,
     output_stretching_loss,
     std_from_moments,
@@ -156,11 +158,18 @@ class _State:
 
 
 def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
+    """The settings with the registry defaults filled in. ``output_loss_rule`` says how lambda_out is set: ``fixed``
+    (``output_loss_weight`` given, or the registry's value) or ``balanced`` (derived from ``output_loss_ratio`` at the
+    start of the run; ``output_loss_weight`` is ``None`` here and filled in by :meth:`_Run.balance_output_loss`)."""
     d = config.model_dump(mode="json")
     d["canvas_pad"] = spec.pad if config.canvas_pad is None else config.canvas_pad
-    d["output_loss_weight"] = (
-        spec.output_loss_weight if config.output_loss_weight is None else config.output_loss_weight
-    )
+    if config.output_loss_weight is not None:
+        d["output_loss_rule"], d["output_loss_weight"] = "fixed", config.output_loss_weight
+    elif config.output_loss_ratio is None and spec.output_loss_weight is not None:
+        d["output_loss_rule"], d["output_loss_weight"] = "fixed", spec.output_loss_weight
+    else:
+        d["output_loss_rule"], d["output_loss_weight"] = "balanced", None
+        d["output_loss_ratio"] = DEFAULT_OUTPUT_LOSS_RATIO if config.output_loss_ratio is None else config.output_loss_ratio
     d["lr_effective"] = effective_lr(config.lr, spec.std, config.lr_units)
     d["min_lr_effective"] = effective_lr(config.min_lr, spec.std, config.lr_units)
     d["plateau_patience"] = (
@@ -206,7 +215,7 @@ class _Run:
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
         self.lazy_refresh = config.lazy_refresh
-        self.lambda_out = float(self.settings["output_loss_weight"])
+        self.lambda_out = float(self.settings["output_loss_weight"] or 0.0)
         self.slices = batch_slices(config.n_images, config.batch_size)
         sizes = torch.tensor([s.stop - s.start for s in self.slices], dtype=torch.float32)
         self.weights = (sizes / sizes.sum()).to(device)
@@ -227,8 +236,35 @@ class _Run:
                 f"{first_line(exc)}"
             ) from None
         self.recorder.check_complete()
-        if self.config.output_loss is OutputLoss.PAPER and self.lambda_out > 0:
+        balanced = self.settings["output_loss_rule"] == "balanced"
+        if self.config.output_loss is OutputLoss.PAPER and (self.lambda_out > 0 or balanced):
             self.last_bns = find_last_bns(self.model, sample, self.layers, self.config.last_bn)
+        if balanced:
+            self.balance_output_loss()
+
+    def balance_output_loss(self) -> None:
+        """Set lambda_out by the data-free rule (:func:`dgh.generation.losses.balanced_output_weight`): gradient
+        norms of L_BN and L_out w.r.t. the first batch of initial canvases, on its final view (no random draw, so the
+        run's generator is untouched and a resumed run derives the same value). The BN gradient is scaled by that
+        batch's share of the statistics when they are global. No output loss configured: lambda_out = 0."""
+        if self.config.output_loss is OutputLoss.NONE or self.config.method is Method.NOISE:
+            self.settings["output_loss_weight"] = self.lambda_out = 0.0
+            return
+        gen = torch.Generator().manual_seed(self.config.seed)
+        first = self.slices[0]
+        canvases = init_canvases(self.config.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+        canvas = canvases[first].to(self.device).requires_grad_(True)
+        outputs, moments = self.forward_moments(self.pipeline.final_view(canvas))
+        batch_stats = self.config.model_copy(update={"statistics": Statistics.BATCH}) \
+            if self.config.statistics is Statistics.ALL else self.config
+        terms = self._loss_terms(batch_stats, None, 0, outputs, moments, with_output=True)
+        (g_bn,) = torch.autograd.grad(terms["bn"].float(), canvas, retain_graph=True)
+        (g_out,) = torch.autograd.grad(terms["out"].float(), canvas)
+        share = float(self.weights[0]) if self.config.statistics is Statistics.ALL else 1.0
+        self.lambda_out = balanced_output_weight(
+            share * float(g_bn.norm()), float(g_out.norm()), float(self.settings["output_loss_ratio"])
+        )
+        self.settings["output_loss_weight"] = self.lambda_out
 
     def forward_moments(
         self, view_nchw: torch.Tensor, need_outputs: bool = True
@@ -253,7 +289,12 @@ class _Run:
 
     def loss(self, b: int, state: _State, outputs: list[torch.Tensor], moments: list[tuple]) -> dict[str, torch.Tensor]:
         """Total loss of batch ``b`` and its terms (scalars, float32)."""
-        cfg = self.config
+        return self._loss_terms(self.config, state, b, outputs, moments, with_output=self.lambda_out > 0)
+
+    def _loss_terms(self, cfg: GenerationConfig, state: _State | None, b: int, outputs: list[torch.Tensor],
+                    moments: list[tuple], with_output: bool) -> dict[str, torch.Tensor]:
+        """``bn``, ``out`` and ``loss = bn + lambda_out * out`` under ``cfg``'s statistics mode (``state`` holds the
+        moment cache, needed for global statistics only)."""
         targets = self.targets + ([self.input_tgt] if cfg.input_pseudo_layer else [])
         mus, stds = [], []
         n_layers = len(self.layers) + (1 if cfg.input_pseudo_layer else 0)
@@ -270,7 +311,7 @@ class _Run:
             stds.append(std_from_moments(mu, sec, cfg.bn_std_eps))
         l_bn = bn_alignment_loss(mus, stds, targets, cfg.lambda_sigma)
         terms = {"bn": l_bn}
-        if cfg.output_loss is not OutputLoss.NONE and self.lambda_out > 0:
+        if cfg.output_loss is not OutputLoss.NONE and with_output:
             hinge_m = [moments[j] for j in self.last_bns] if cfg.output_loss is OutputLoss.PAPER else []
             hinge_t = [self.targets[j] for j in self.last_bns] if cfg.output_loss is OutputLoss.PAPER else []
             l_out = output_stretching_loss(outputs, hinge_m, hinge_t, cfg.hinge_margin, cfg.bn_std_eps)

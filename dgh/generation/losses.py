@@ -1,6 +1,17 @@
-"""Losses of method.md section 3: BN alignment ``L_BN`` and the output distribution stretching loss ``L_out``.
+"""Losses of method.md section 3: BN alignment ``L_BN`` and the output distribution stretching loss ``L_out``, and
+the data-free rule that sets the weight lambda_out of ``L_out`` for models without a tuned value.
 
 All inputs are float32 (or float64) tensors; every function is pure.
+
+The lambda_out rule (:func:`balanced_output_weight`). The images are optimized with RAdam, which is invariant to a
+common scale of the loss: only the *direction* of the gradient, i.e. the ratio of the output-loss gradient to the
+BN-loss gradient, matters. The paper's fixed per-model weights (3e-7 for ResNet-18 ...) therefore carry each model's
+units: on EfficientNet-Lite0, lambda_out = 3e-7 gives an output-loss gradient 2e-7 times the BN-loss gradient at
+initialization, i.e. no stretching at all. The rule instead fixes that ratio: with ``g_bn`` and ``g_out`` the
+gradient norms (w.r.t. the images) of ``L_BN`` and of ``L_out`` on the first batch of initial images (no real data),
+``lambda_out = ratio * g_bn / g_out``; ``g_bn`` is taken as the gradient that reaches one batch through the global
+statistics (the batch's share ``n_b / N`` of the batch-statistics gradient, method.md section 1), so the balance
+the optimizer sees does not depend on how many batches the images are split into.
 """
 
 from __future__ import annotations
@@ -108,3 +119,25 @@ def output_stretching_loss(
     for (m, s), t in zip(hinge_moments, hinge_targets, strict=True):
         per_image = per_image + hinge_penalties(m, s, t, margin, eps)
     return per_image.mean()
+
+
+def balanced_output_weight(grad_bn_norm: float, grad_out_norm: float, ratio: float) -> float:
+    """lambda_out such that ``lambda_out * grad_out_norm = ratio * grad_bn_norm`` (module docstring).
+
+    Args:
+        grad_bn_norm: L2 norm of d L_BN / d images (> 0), already scaled by the batch's share of the statistics.
+        grad_out_norm: L2 norm of d L_out / d images (> 0).
+        ratio: wanted ratio of the output-loss gradient to the BN-loss gradient (> 0).
+
+    Returns:
+        lambda_out as a python float.
+
+    Raises:
+        ValueError: a norm that is not finite and positive, or ``ratio`` <= 0.
+    """
+    for name, v in (("BN-loss gradient norm", grad_bn_norm), ("output-loss gradient norm", grad_out_norm)):
+        if not (v > 0 and v < float("inf")):
+            raise ValueError(f"cannot balance the output loss: the {name} at initialization is {v}")
+    if not ratio > 0:
+        raise ValueError(f"output-loss gradient ratio must be > 0, got {ratio}")
+    return float(ratio * grad_bn_norm / grad_out_norm)

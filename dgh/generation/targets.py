@@ -29,16 +29,28 @@ def flatten_outputs(output: object) -> list[torch.Tensor]:
 def input_target(spec: ModelSpec | None, std_eps: float = 0.0) -> BNTarget:
     """Target of the input pseudo-layer ``l = 0`` in normalized space, ``(3,)`` float32 mean and std.
 
-    method.md section 3 sets mean 0 and std 1 per channel, which is what the normalization of ImageNet/CIFAR models
-    maps natural images to. Models that take raw RGB in [0, 1] (YOLO: mean 0, std 1, identity normalization) would
-    be pushed towards black images by that target, so for them the target is the ImageNet pixel statistics
-    (mean 0.485/0.456/0.406, std 0.229/0.224/0.225) expressed in their input space: a natural-image prior instead of
-    an unreachable one. ``spec=None`` gives 0/1.
+    Rule: natural-image pixel statistics mapped through the model's own normalization. The natural-image statistics
+    are the ImageNet per-channel pixel mean 0.485/0.456/0.406 and std 0.229/0.224/0.225 (RGB, 0-1 scale; the
+    statistics over images and pixels that torchvision's normalization uses), so the target is
+    ``mean_t = (0.485 - mean_c) / std_c`` and ``std_t = 0.229 / std_c`` (per channel c).
+
+    - Models normalized with the ImageNet mean/std (torchvision, the CIFAR ResNets here): exactly mean 0, std 1,
+      the paper's target (method.md section 3; ssi-research/DGH ``OrigBNStatsHolder`` "images normalized to be
+      0-mean, 1-variance").
+    - Models with identity normalization (YOLO, RGB in [0, 1]): the ImageNet pixel statistics themselves.
+    - Models normalized otherwise, e.g. EfficientNet-Lite's ``(x - 127) / 128`` (std 128/255 = 0.502): std
+      ``0.229 / 0.502 = 0.46`` instead of 1. A 0/1 target there would ask for a pixel std of 0.5, about twice that
+      of natural images (real ImageNet images measure 0.25-0.28 per channel under this model's preprocessing).
+
+    ``spec=None`` gives 0/1.
     """
-    if spec is None or not (tuple(spec.mean) == (0.0, 0.0, 0.0) and tuple(spec.std) == (1.0, 1.0, 1.0)):
+    if spec is None:
         mean, std = torch.zeros(3), torch.ones(3)
     else:
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        model_mean = torch.tensor(spec.mean, dtype=torch.float64)
+        model_std = torch.tensor(spec.std, dtype=torch.float64)
+        mean = (torch.tensor(IMAGENET_MEAN, dtype=torch.float64) - model_mean) / model_std
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float64) / model_std
     return BNTarget("input", mean.float(), torch.sqrt(std.float() ** 2 + std_eps))
 
 

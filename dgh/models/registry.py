@@ -10,6 +10,8 @@ Each family module registers its names when imported (:func:`register_model`, :f
   ``.yaml`` used as the name (:mod:`dgh.models.ultralytics_models`).
 - ``yolov5_classic``: ``yolov5{n,s,m,l,x}`` from original YOLOv5 v6.x checkpoints, loaded without running pickled
   code (:mod:`dgh.models.yolov5_classic`).
+- ``efficientnet_lite``: ``efficientnet_lite0`` (timm ``tf_efficientnet_lite0`` with a lukemelas-layout checkpoint;
+  ``--weights`` required) (:mod:`dgh.models.efficientnet_lite`).
 
 ``weights="random"`` builds any family with random weights (tests); ``weights=None`` means the family default,
 which for torchvision and ultralytics would download and therefore fails fast offline. Detection specs:

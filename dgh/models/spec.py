@@ -62,7 +62,8 @@ class ModelSpec:
         mean, std: per-channel normalization (RGB, 0-1 pixel units). ``(0,0,0)``/``(1,1,1)`` for YOLO.
         pad: training-augmentation padding ``p`` in pixels; the generation canvas is ``(H+p, W+p)``
             (method.md section 2: 8 for CIFAR, 32 for ImageNet).
-        output_loss_weight: default lambda_out of the output distribution stretching loss (method.md section 3).
+        output_loss_weight: default lambda_out of the output distribution stretching loss (method.md section 3);
+            ``None``: no tuned value, generation derives it (``dgh.generation.losses.balanced_output_weight``).
         num_classes: number of classes of the head.
         class_names: class names in index order; ImageFolder class folders are matched against them by name
             (:func:`dgh.data.classification.map_class_folders`). CIFAR-10: ``airplane`` .. ``truck``;
@@ -84,7 +85,7 @@ class ModelSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     pad: int = 32
-    output_loss_weight: float = 1e-5
+    output_loss_weight: float | None = 1e-5
     num_classes: int = 1000
     class_names: tuple[str, ...] = ()
     resize_size: int | None = None
