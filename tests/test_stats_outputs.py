@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -31,6 +24,7 @@ from dgh.stats.outputs import (
     write_stats,
 )
 from dgh.tracking import Tracker
+from tests.mlflow_server import mlflow_server
 from tests.test_stats import ChannelMeanLogits, TinyBNNet, _images, _loaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,12 +91,6 @@ def test_log_stats_to_mlflow(tmp_path, two_sets) -> None:
     assert [row[1] for row in tab["data"]] == [layer.name for layer in synth.bn_layers]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_server_rest_api_returns_stats_metrics_of_generated_sets(tmp_path, two_sets) -> None:
     """The stats.* metrics of a generated set's run, read back through a real `mlflow server`'s REST API."""
     real, synth = two_sets
@@ -112,26 +100,7 @@ def test_mlflow_server_rest_api_returns_stats_metrics_of_generated_sets(tmp_path
     log_stats(tracker, rid, doc)
     tracker.finish(rid)
 
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
+    with mlflow_server(tracker.uri, tmp_path) as base:
         with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=tiny", timeout=10) as r:
             exp_id = json.load(r)["experiment"]["experiment_id"]
         body = json.dumps({"experiment_ids": [exp_id], "filter": "tags.`dgh.kind` = 'generation'"})
@@ -149,14 +118,6 @@ def test_mlflow_server_rest_api_returns_stats_metrics_of_generated_sets(tmp_path
             history = json.load(r)["metrics"]
         assert sorted((m["step"], m["value"]) for m in history) == [
             (layer.index, pytest.approx(layer.distance, rel=1e-9)) for layer in synth.bn_layers]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_report_table_has_one_row_per_source(two_sets) -> None:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dgh.tracking import StepLogger, Tracker, finite_metrics, flatten
+from tests.mlflow_server import mlflow_server
 
 
 def test_flatten_and_finite_metrics():
@@ -59,37 +56,12 @@ def test_resume_by_key_and_fresh_runs(tracker, tmp_path):
     assert new != rid and tracker.find_run("resnet20_cifar10", "exp-a") == new
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_server_rest_api_returns_experiment_metrics(tracker, tmp_path):
     rid = tracker.start_run("yolov5n", "yolov5n-dgh-w8a8-pot-mse", fresh=True, tags={"dgh.calib": "dgh"})
     tracker.log_metrics(rid, {"map": 0.281, "map50": 0.452})
     tracker.finish(rid)
 
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
+    with mlflow_server(tracker.uri, tmp_path) as base:
         with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=yolov5n", timeout=10) as r:
             exp_id = json.load(r)["experiment"]["experiment_id"]
         body = json.dumps({"experiment_ids": [exp_id], "filter": "tags.`dgh.run_key` = 'yolov5n-dgh-w8a8-pot-mse'"})
@@ -99,10 +71,6 @@ def test_mlflow_server_rest_api_returns_experiment_metrics(tracker, tmp_path):
         assert len(runs) == 1
         metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
         assert metrics == {"map": pytest.approx(0.281), "map50": pytest.approx(0.452)}
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _concurrent_stage(db: str, artifacts: str, index: int, start) -> None:  # noqa: ANN001 - multiprocessing Event
