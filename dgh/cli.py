@@ -22,8 +22,10 @@ Any ``ValueError`` (bad option, missing file, invalid params.yaml ...) ends the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +40,7 @@ from dgh.env import configure_offline, resolve_device
 from dgh.errors import validation_error_line
 from dgh.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, Backend, export_to_dir
 from dgh.generation import GenerationConfig, Method
+from dgh.generation.distributed import launch, process_rank, world_size_from_env
 from dgh.models import get_spec, list_models, load_model
 from dgh.params import ParamsError, check_paths, load_params
 from dgh.pipeline.common import Project, open_project
@@ -197,6 +200,7 @@ def generate_cmd(
     speed: Optional[str] = typer.Option(None, "--speed", help="exact (fp32, paper numerics) or fast (bf16 autocast on CPUs with native bf16 + channels-last; same algorithm). Skipping the per-step refresh forward is the separate lazy_refresh setting (--set lazy_refresh=true)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="auto (fp16 on CUDA, fp32 on CPU), on, off."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if one exists."),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, help="Processes K (torchrun; one GPU each on CUDA): each optimizes B/K batches against the exact global statistics. Several processes imply --set schedule=synchronous. Default 1."),
     set_: Optional[list[str]] = SET_OPT,
     device: str = DEVICE_OPT,
     progress: bool = PROGRESS_OPT,
@@ -210,17 +214,21 @@ def generate_cmd(
         method=Method(method).value, n_images=n_images, iterations=iterations, batch_size=batch_size, seed=seed,
         lr=lr, lambda_sigma=lambda_sigma, output_loss=output_loss, output_loss_weight=output_loss_weight,
         statistics=statistics, canvas_pad=canvas_pad, flip=flip, smoothing=smoothing, random_crop=random_crop,
-        clamp=clamp, augment_draw=augment_draw, speed=speed, amp=amp,
+        clamp=clamp, augment_draw=augment_draw, speed=speed, amp=amp, processes=processes,
     ))
     config = GenerationConfig.for_method(fields.pop("method"), **fields)
     _check_device(device)
     spec = get_spec(model, imgsz)
     check_output_dir(out, need_bytes=_generation_bytes(config, spec))
-    with output_lock(out):
+    if config.processes > 1 and world_size_from_env() == 1:  # issue 14: the same command under torchrun
+        raise typer.Exit(launch(config.processes, "dgh.cli", sys.argv[1:]))
+    main = process_rank() == 0  # under torchrun rank 0 holds the lock and writes
+    with output_lock(out) if main else contextlib.nullcontext():
         loaded = load_model(model, str(weights) if weights else None, imgsz)
         result = generate_to_dir(loaded, config, out, device=device, progress=progress, resume=resume)
-    terms = ", ".join(f"{k}={v:.4g}" for k, v in result.loss_terms.items())
-    typer.echo(f"wrote {out}/images.pt {tuple(result.images_nchw.shape)}; final {terms}")
+    if main:
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in result.loss_terms.items())
+        typer.echo(f"wrote {out}/images.pt {tuple(result.images_nchw.shape)}; final {terms}")
 
 
 @app.command("quantize")

@@ -18,6 +18,7 @@ from dgh.generation.config import (
     LastBN,
     Method,
     OutputLoss,
+    Schedule,
     Speed,
     Statistics,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "NoBatchNormError",
     "OutputLoss",
+    "Schedule",
     "Speed",
     "Statistics",
     "bn_distance",

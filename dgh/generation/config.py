@@ -146,6 +146,22 @@ class Amp(str, Enum):
     OFF = "off"
 
 
+class Schedule(str, Enum):
+    """In which order the B batches of one iteration are updated (method.md section 4, "one iteration").
+
+    ``sequential`` (the paper code; the single-process default): a fresh random order each iteration, every step sees
+    the moments that the steps before it refreshed; all draws come from one seeded generator consumed in order.
+    ``synchronous``: every batch of an iteration steps against the moment cache as it stood when the iteration began,
+    and the refreshed moments replace the cache together at its end (cached moments of the other batches are at
+    most one iteration old); every random draw (init, flip, crop) is keyed by (seed, global batch index, iteration),
+    so the result does not depend on the number of processes. Required, and the default, with several processes
+    (:mod:`dgh.generation.distributed`).
+    """
+
+    SEQUENTIAL = "sequential"
+    SYNCHRONOUS = "synchronous"
+
+
 class GenerationConfig(BaseModel):
     """Every setting of one generation run. Defaults are the paper code's (method.md "Defaults").
 
@@ -186,6 +202,12 @@ class GenerationConfig(BaseModel):
             the dataset-level BN distance 0.85 -> 1.05 and lowered W4A4 top-1 70.0 -> 67.4.
         amp: see :class:`Amp`.
         checkpoint_every: K; with an ``out_dir``, a resumable checkpoint is written every K iterations (0 = never).
+        schedule: see :class:`Schedule`; ``None`` = ``sequential`` in one process, ``synchronous`` in several.
+        processes: how many processes ``dgh generate`` / the DVC stage start (``torchrun --nproc-per-node``; one GPU
+            each on CUDA). Under an outside ``torchrun`` the launcher's world size counts and 1 here is ignored.
+            Does not change the images (with ``schedule=synchronous``); not part of a checkpoint's identity.
+        process_timeout_s: seconds every collective of a multi-process run may wait for the slowest process before
+            the run ends with a one-line error (a dead or hung rank). Must exceed one iteration's compute per rank.
     """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_assignment=True)
@@ -222,6 +244,9 @@ class GenerationConfig(BaseModel):
     lazy_refresh: bool = False
     amp: Amp = Amp.AUTO
     checkpoint_every: int = Field(50, ge=0)
+    schedule: Schedule | None = None
+    processes: int = Field(1, ge=1)
+    process_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> GenerationConfig:

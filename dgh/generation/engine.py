@@ -36,9 +36,24 @@ from dgh.generation.config import (
     GenerationConfigError,
     Method,
     OutputLoss,
+    Schedule,
     Speed,
     Statistics,
     effective_lr,
+)
+from dgh.generation.distributed import (
+    N_TERMS,
+    World,
+    check_same_model,
+    exchange_rows,
+    gather_to_main,
+    keyed_generator,
+    open_world,
+    pack_row,
+    row_width,
+    shard,
+    unpack_row,
+    world_size_from_env,
 )
 from dgh.generation.losses import (
     balanced_output_weight,
@@ -157,11 +172,35 @@ class _State:
     elapsed_s: float = 0.0
 
 
-def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
+# settings that do not change the images: a checkpoint resumes under other values of them
+_RESUME_FREE = ("checkpoint_every", "processes", "process_timeout_s")
+
+
+def resolve_schedule(config: GenerationConfig, world_size: int) -> Schedule:
+    """The run's :class:`Schedule`: ``config.schedule``, or ``sequential`` for one process and ``synchronous`` for
+    several when unset.
+
+    Raises:
+        GenerationConfigError: ``sequential`` with several processes (its batch order is one global sequence).
+    """
+    if config.schedule is None:
+        return Schedule.SEQUENTIAL if world_size == 1 else Schedule.SYNCHRONOUS
+    if config.schedule is Schedule.SEQUENTIAL and world_size > 1:
+        raise GenerationConfigError(
+            f"schedule=sequential cannot run in {world_size} processes (each step waits for the one before); use "
+            "schedule=synchronous or leave it unset"
+        )
+    return config.schedule
+
+
+def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec, world_size: int = 1) -> dict:
     """The settings with the registry defaults filled in. ``output_loss_rule`` says how lambda_out is set: ``fixed``
     (``output_loss_weight`` given, or the registry's value) or ``balanced`` (derived from ``output_loss_ratio`` at the
-    start of the run; ``output_loss_weight`` is ``None`` here and filled in by :meth:`_Run.balance_output_loss`)."""
+    start of the run; ``output_loss_weight`` is ``None`` here and filled in by :meth:`_Run.balance_output_loss`).
+    ``schedule`` is the resolved :class:`Schedule` and ``processes`` the number of processes of the run."""
     d = config.model_dump(mode="json")
+    d["schedule"] = resolve_schedule(config, world_size).value
+    d["processes"] = world_size
     d["canvas_pad"] = spec.pad if config.canvas_pad is None else config.canvas_pad
     if config.output_loss_weight is not None:
         d["output_loss_rule"], d["output_loss_weight"] = "fixed", config.output_loss_weight
@@ -181,13 +220,16 @@ def _resolved_config_dict(config: GenerationConfig, spec: ModelSpec) -> dict:
 class _Run:
     """One generation run's fixed context (model, pipeline, targets) and its step functions."""
 
-    def __init__(self, loaded: LoadedModel, config: GenerationConfig, device: torch.device) -> None:
+    def __init__(self, loaded: LoadedModel, config: GenerationConfig, device: torch.device,
+                 world: World | None = None) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
         self.model = loaded.model
         self.config = config
         self.device = device
-        self.settings = _resolved_config_dict(config, self.spec)
+        self.world = world if world is not None else World()
+        self.settings = _resolved_config_dict(config, self.spec, self.world.size)
+        self.synchronous = self.settings["schedule"] == Schedule.SYNCHRONOUS.value
         self.layers = find_bn_layers(self.model)
         self.recorder = MomentRecorder(self.layers)
         self.targets = bn_targets(self.layers, config.bn_std_eps, device)
@@ -220,6 +262,14 @@ class _Run:
         sizes = torch.tensor([s.stop - s.start for s in self.slices], dtype=torch.float32)
         self.weights = (sizes / sizes.sum()).to(device)
         self.last_bns: list[int] = []
+        n_batches = len(self.slices)
+        if self.world.size > n_batches:
+            raise GenerationConfigError(
+                f"{self.world.size} processes but only {n_batches} batch(es) of {config.batch_size} images; use at "
+                "most as many processes as batches (lower batch_size or processes)"
+            )
+        # the batches this process optimizes (all of them in one process)
+        self.owned = shard(n_batches, self.world.rank, self.world.size) if self.synchronous else list(range(n_batches))
 
     def check_input_and_find_last_bns(self) -> None:
         """One forward of one final-view image: a clear error if the model cannot take the input size, the hinge
@@ -250,10 +300,13 @@ class _Run:
         if self.config.output_loss is OutputLoss.NONE or self.config.method is Method.NOISE:
             self.settings["output_loss_weight"] = self.lambda_out = 0.0
             return
-        gen = torch.Generator().manual_seed(self.config.seed)
-        first = self.slices[0]
-        canvases = init_canvases(self.config.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
-        canvas = canvases[first].to(self.device).requires_grad_(True)
+        if self.synchronous:
+            canvas = self.keyed_initial_canvas(0).to(self.device).requires_grad_(True)
+        else:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            first = self.slices[0]
+            canvases = init_canvases(self.config.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+            canvas = canvases[first].to(self.device).requires_grad_(True)
         outputs, moments = self.forward_moments(self.pipeline.final_view(canvas))
         batch_stats = self.config.model_copy(update={"statistics": Statistics.BATCH}) \
             if self.config.statistics is Statistics.ALL else self.config
@@ -322,8 +375,17 @@ class _Run:
             terms["loss"] = l_bn
         return terms
 
+    def keyed_initial_canvas(self, b: int) -> torch.Tensor:
+        """``schedule=synchronous``: batch ``b``'s initial canvases, float32 ``(n_b, 3, H+p, W+p)`` on CPU, drawn
+        from a generator keyed by (seed, "init", b) (:func:`dgh.generation.distributed.keyed_generator`)."""
+        s = self.slices[b]
+        gen = keyed_generator(self.config.seed, "init", b)
+        return init_canvases(s.stop - s.start, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+
     def new_state(self) -> _State:
         cfg = self.config
+        if self.synchronous:
+            return self._new_state_synchronous()
         gen = torch.Generator().manual_seed(cfg.seed)
         canvases_all = init_canvases(cfg.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
         # detached slices share one storage on CPU (no second copy of the set); .to() copies on CUDA
@@ -346,23 +408,27 @@ class _Run:
     def _build_optimizers(self, state: _State) -> None:
         cfg = self.config
         lr, min_lr = self.settings["lr_effective"], self.settings["min_lr_effective"]  # LrUnits
-        state.optimizers = [torch.optim.RAdam([c], lr=lr) for c in state.canvases]
+        # a None canvas: a batch another process owns (schedule=synchronous)
+        state.optimizers = [torch.optim.RAdam([c], lr=lr) if c is not None else None for c in state.canvases]
         state.schedulers = [
             ReduceOnPlateauWithReset(opt, cfg.plateau_factor, self.settings["plateau_patience"], cfg.plateau_threshold, min_lr)
-            if cfg.lr_schedule
+            if cfg.lr_schedule and opt is not None
             else None
             for opt in state.optimizers
         ]
         use_scaler = self.use_amp and self.device.type == "cuda"
-        state.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in state.optimizers]
+        state.scalers = [torch.amp.GradScaler("cuda") if use_scaler and o is not None else None for o in state.optimizers]
 
-    def step(self, b: int, state: _State, refresh: bool = True) -> dict[str, float]:
+    def step(self, b: int, state: _State, refresh: bool = True, generator: torch.Generator | None = None,
+             pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None) -> dict[str, float]:
         """One optimization step of batch ``b`` (training view, loss, backward, RAdam, scheduler, cache refresh).
 
         ``refresh=False`` skips the cache update of batch ``b`` when no later step reads it (the caller knows: a
-        single batch, whose own cache entry cancels out of :func:`global_moments`, or the run's last step)."""
+        single batch, whose own cache entry cancels out of :func:`global_moments`, or the run's last step).
+        ``generator``: the training view's draws (default: the run's generator, ``state.generator``).
+        ``pending``: store the refreshed moments in ``pending[b]`` instead of the cache (``schedule=synchronous``)."""
         canvas, opt, sched, scaler = state.canvases[b], state.optimizers[b], state.schedulers[b], state.scalers[b]
-        view = self.pipeline.train_view(canvas, state.generator)
+        view = self.pipeline.train_view(canvas, state.generator if generator is None else generator)
         outputs, moments = self.forward_moments(view)
         terms = self.loss(b, state, outputs, moments)
         loss_value = float(terms["loss"].detach())
@@ -387,6 +453,9 @@ class _Run:
             else:
                 ms = [m.detach().mean(0) for m, _ in moments]
                 ss = [s.detach().mean(0) for _, s in moments]
+            if pending is not None:
+                pending[b] = (ms, ss)
+                return {"loss": loss_value, "bn": float(terms["bn"].detach()), "out": float(terms["out"].detach())}
             for j in range(len(ms)):
                 state.cache_m[j][b] = ms[j]
                 state.cache_s[j][b] = ss[j]
@@ -399,6 +468,125 @@ class _Run:
         with torch.no_grad():
             for s, c in zip(self.slices, state.canvases):
                 out[s] = self.pipeline.final_view(c.detach()).float().cpu()
+        return out
+
+    # --- schedule=synchronous (one or several processes; dgh.generation.distributed) ---------------------------
+    @property
+    def channels(self) -> list[int]:
+        """``C_l`` of every cache entry (BN layers in order, the input pseudo-layer last)."""
+        return [t.mean.numel() for t in self.targets] + [self.input_tgt.mean.numel()]
+
+    def _exchange(self, rows: dict[int, torch.Tensor], failure: str | None) -> torch.Tensor:
+        return exchange_rows(self.world, rows, len(self.slices), row_width(self.channels), self.device, failure)
+
+    def _set_cache(self, state: _State, table: torch.Tensor) -> None:
+        """Fill the moment cache from a full exchange table ``(B, width)`` (same bits on every process)."""
+        per_b = [unpack_row(table[b], self.channels) for b in range(len(self.slices))]
+        state.cache_m = [torch.stack([pb[0][j] for pb in per_b]) for j in range(len(self.channels))]
+        state.cache_s = [torch.stack([pb[1][j] for pb in per_b]) for j in range(len(self.channels))]
+
+    def _new_state_synchronous(self) -> _State:
+        """Keyed initial canvases of this process's batches (None for the others), their optimizers, and the full
+        moment cache (each process measures its batches on the final view; one exchange)."""
+        n_batches = len(self.slices)
+        canvases: list[torch.Tensor | None] = [None] * n_batches
+        rows: dict[int, torch.Tensor] = {}
+        failure = None
+        try:
+            for b in self.owned:
+                canvases[b] = self.keyed_initial_canvas(b).to(self.device).requires_grad_(True)
+                if self.config.statistics is Statistics.ALL:
+                    ms, ss = self.batch_moments(canvases[b])
+                    rows[b] = pack_row(ms, ss, [0.0] * N_TERMS)
+        except Exception as exc:  # noqa: BLE001 - reported to every process, then raised there
+            if self.world.size == 1:
+                raise
+            failure = first_line(exc, 300)
+        state = _State(canvases, [], [], [], [], [], torch.Generator().manual_seed(self.config.seed))
+        self._build_optimizers(state)
+        if self.config.statistics is Statistics.ALL or self.world.size > 1:
+            if self.config.statistics is not Statistics.ALL:
+                rows = {b: torch.zeros(row_width(self.channels), device=self.device) for b in self.owned}
+            table = self._exchange(rows, failure)
+            if self.config.statistics is Statistics.ALL:
+                self._set_cache(state, table)
+        return state
+
+    def iteration_synchronous(self, state: _State) -> dict[str, float]:
+        """One iteration under ``schedule=synchronous``: every owned batch steps against the cache as it stood at
+        the start (draws keyed by (seed, "step", iteration, batch)); one exchange then brings every process the
+        refreshed moments and loss terms of all B batches. Returns the iteration's metrics (means over batches in
+        batch order; identical on every process)."""
+        n_batches = len(self.slices)
+        it = state.iteration
+        last = it + 1 == self.config.iterations
+        refresh = self.config.statistics is Statistics.ALL and n_batches > 1 and not last
+        pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        rows: dict[int, torch.Tensor] = {}
+        failure = None
+        try:
+            for b in self.owned:
+                gen = keyed_generator(self.config.seed, "step", it, b)
+                t = self.step(b, state, refresh=refresh, generator=gen, pending=pending)
+                if b in pending:
+                    ms, ss = pending[b]
+                elif self.config.statistics is Statistics.ALL:
+                    ms, ss = [c[b] for c in state.cache_m], [c[b] for c in state.cache_s]
+                else:
+                    ms = ss = [torch.zeros(c, device=self.device) for c in self.channels]
+                rows[b] = pack_row(ms, ss, [t["loss"], t["bn"], t["out"], state.optimizers[b].param_groups[0]["lr"]])
+        except Exception as exc:  # noqa: BLE001 - reported to every process, then raised there
+            if self.world.size == 1:
+                raise
+            failure = f"iteration {it + 1}: {first_line(exc, 300)}"
+        table = self._exchange(rows, failure)
+        if refresh:
+            self._set_cache(state, table)
+        terms = [unpack_row(table[b], self.channels)[2] for b in range(n_batches)]
+        metrics = {k: sum(t[i] for t in terms) / n_batches for i, k in enumerate(("loss", "bn", "out", "lr"))}
+        return metrics
+
+    def checkpoint_synchronous(self, state: _State) -> dict | None:
+        """The checkpoint dict (format v1, all B batches) gathered on rank 0; None on the other ranks."""
+        mine = {
+            b: (state.canvases[b].detach().cpu(), state.optimizers[b].state_dict(),
+                state.schedulers[b].state_dict() if state.schedulers[b] is not None else None,
+                state.scalers[b].state_dict() if state.scalers[b] is not None else None)
+            for b in self.owned
+        }
+        if self.device.type != "cpu":
+            mine = {b: (v[0], _to_cpu(v[1]), v[2], v[3]) for b, v in mine.items()}
+        merged = gather_to_main(self.world, mine)
+        if merged is None:
+            return None
+        order = range(len(self.slices))
+        return {
+            "format": "dgh-generation-checkpoint-v1",
+            "model": self.spec.name,
+            "settings": self.settings,
+            "iteration": state.iteration,
+            "canvases": [merged[b][0] for b in order],
+            "optimizers": [merged[b][1] for b in order],
+            "schedulers": [merged[b][2] for b in order],
+            "scalers": [merged[b][3] for b in order],
+            "cache_m": [c.cpu() for c in state.cache_m],
+            "cache_s": [c.cpu() for c in state.cache_s],
+            "generator": state.generator.get_state(),  # unused by this schedule (its draws are keyed)
+            "history": state.history,
+            "elapsed_s": state.elapsed_s,
+        }
+
+    def final_images_synchronous(self, state: _State) -> torch.Tensor | None:
+        """Final views of all canvases gathered on rank 0, float32 ``(N, 3, H, W)`` CPU; None on other ranks."""
+        with torch.no_grad():
+            mine = {b: self.pipeline.final_view(state.canvases[b].detach()).float().cpu() for b in self.owned}
+        merged = gather_to_main(self.world, mine)
+        if merged is None:
+            return None
+        h, w = self.spec.input_size
+        out = torch.empty(self.config.n_images, 3, h, w, dtype=torch.float32)
+        for b, s in enumerate(self.slices):
+            out[s] = merged[b]
         return out
 
     # --- checkpointing -------------------------------------------------------------------------------------------
@@ -422,8 +610,9 @@ class _Run:
     def load_state(self, ckpt: dict, path: Path) -> _State:
         if ckpt.get("format") != "dgh-generation-checkpoint-v1":
             raise GenerationError(f"{path} is not a dgh generation checkpoint; delete it or run without --resume")
-        mine = {k: v for k, v in self.settings.items() if k != "checkpoint_every"}
-        theirs = {k: v for k, v in ckpt["settings"].items() if k != "checkpoint_every"}
+        mine = {k: v for k, v in self.settings.items() if k not in _RESUME_FREE}
+        theirs = {k: v for k, v in ckpt["settings"].items() if k not in _RESUME_FREE}
+        theirs.setdefault("schedule", Schedule.SEQUENTIAL.value)  # checkpoints from before the field existed
         if ckpt.get("model") != self.spec.name or mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             what = ", ".join(diff) if diff else f"model {ckpt.get('model')!r}"
@@ -432,11 +621,17 @@ class _Run:
             )
         gen = torch.Generator()
         gen.set_state(ckpt["generator"])
-        canvases = [c.to(self.device).requires_grad_(True) for c in ckpt["canvases"]]
+        if len(ckpt["canvases"]) != len(self.slices):
+            raise GenerationError(f"{path} holds {len(ckpt['canvases'])} batches, this run has {len(self.slices)}; "
+                                  "resume with the same settings or delete it")
+        mine_b = set(self.owned)  # schedule=synchronous: this process loads its own batches only
+        canvases = [c.to(self.device).requires_grad_(True) if b in mine_b else None
+                    for b, c in enumerate(ckpt["canvases"])]
         state = _State(canvases, [], [], [], [], [], gen, ckpt["iteration"], list(ckpt["history"]), ckpt["elapsed_s"])
         self._build_optimizers(state)
         for obj, sd in zip(state.optimizers, ckpt["optimizers"]):
-            obj.load_state_dict(sd)
+            if obj is not None:
+                obj.load_state_dict(sd)
         for obj, sd in zip(state.schedulers, ckpt["schedulers"]):
             if obj is not None and sd is not None:
                 obj.load_state_dict(sd)
@@ -446,6 +641,16 @@ class _Run:
         state.cache_m = [c.to(self.device) for c in ckpt["cache_m"]]
         state.cache_s = [c.to(self.device) for c in ckpt["cache_s"]]
         return state
+
+
+def _to_cpu(obj):  # noqa: ANN001, ANN202 - nested optimizer state
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -494,7 +699,23 @@ def generate_images(
     if not isinstance(config, GenerationConfig):
         raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
     config = GenerationConfig.model_validate(config.model_dump())  # re-validate (model_copy(update=) skips it)
+    size = world_size_from_env()
+    if size == 1 and config.processes > 1:
+        raise GenerationConfigError(
+            f"processes={config.processes} needs a launch with torchrun (`dgh generate` and the DVC stage do it; "
+            "library callers: torchrun --nproc-per-node K ...)"
+        )
+    if size > 1 and config.processes not in (1, size):
+        raise GenerationConfigError(f"processes={config.processes} but this run has {size} processes (torchrun)")
+    resolve_schedule(config, size)  # a clear error before any process group
     dev = resolve_device(device)
+    with open_world(dev, config.process_timeout_s) as world:
+        return _generate(loaded, config, out_dir, resume, callback, world.device(dev), progress, world)
+
+
+def _generate(loaded: LoadedModel, config: GenerationConfig, out_dir: str | Path | None, resume: bool,
+              callback: Callback | None, dev: torch.device, progress: bool, world: World) -> GenerationResult:
+    """:func:`generate_images` in one process of ``world``."""
     out_path = Path(out_dir) if out_dir is not None else None
     ckpt_path = out_path / CHECKPOINT_FILE if out_path is not None else None
     model = loaded.model
@@ -504,7 +725,7 @@ def generate_images(
         images = noise_images(loaded, config.n_images, config.seed)
         history: list[dict[str, float]] = []
         terms: dict[str, float] = {}
-        settings = _resolved_config_dict(config, loaded.spec)
+        settings = _resolved_config_dict(config, loaded.spec, world.size)
         elapsed_before = 0.0
     else:
         model.eval().to(dev)
@@ -512,7 +733,8 @@ def generate_images(
         for p, _ in grad_flags:  # the images are the only parameters (method.md, notation)
             p.requires_grad_(False)
         try:
-            run = _Run(loaded, config, dev)
+            run = _Run(loaded, config, dev, world)
+            check_same_model(world, model)
             if run.fast:
                 model.to(memory_format=torch.channels_last)
             run.check_input_and_find_last_bns()
@@ -524,9 +746,25 @@ def generate_images(
             elapsed_before = state.elapsed_s
             t_loop = time.perf_counter()
             bar = tqdm(
-                total=config.iterations, initial=state.iteration, disable=not progress, desc="generate", unit="it"
+                total=config.iterations, initial=state.iteration, disable=not progress or not world.is_main,
+                desc="generate", unit="it"
             )
             try:
+                while run.synchronous and state.iteration < config.iterations:
+                    metrics = run.iteration_synchronous(state)
+                    state.iteration += 1
+                    state.history.append({"iteration": state.iteration, **metrics})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", bn=f"{metrics['bn']:.4g}")
+                    if callback is not None:
+                        callback(state.iteration, dict(metrics))
+                    every = config.checkpoint_every
+                    if ckpt_path is not None and every > 0 and state.iteration % every == 0:
+                        state.elapsed_s = elapsed_before + time.perf_counter() - t_loop
+                        if state.iteration < config.iterations:
+                            ckpt = run.checkpoint_synchronous(state)  # gathered on rank 0
+                            if ckpt is not None:
+                                save_torch(ckpt, ckpt_path)
                 while state.iteration < config.iterations:
                     order = torch.randperm(len(state.canvases), generator=state.generator).tolist()
                     sums = {"loss": 0.0, "bn": 0.0, "out": 0.0}
@@ -552,20 +790,24 @@ def generate_images(
                             save_torch(run.checkpoint_dict(state), ckpt_path)
             finally:
                 bar.close()
-            images = run.final_images(state)
+            images = run.final_images_synchronous(state) if run.synchronous else run.final_images(state)
             history = state.history
             terms = {k: v for k, v in history[-1].items() if k in ("loss", "bn", "out")} if history else {}
             settings = run.settings
-            terms["bn_distance"] = bn_distance(
-                model,
-                images,
-                spec=loaded.spec,
-                lambda_sigma=config.lambda_sigma,
-                std_eps=config.bn_std_eps,
-                input_pseudo_layer=config.input_pseudo_layer,
-                batch_size=max(config.batch_size, 1),
-                device=dev,
-            )
+            if images is None:  # a process other than rank 0: rank 0 holds the images and writes the outputs
+                h, w = loaded.spec.input_size
+                images = torch.empty(0, 3, h, w)
+            elif world.is_main:
+                terms["bn_distance"] = bn_distance(
+                    model,
+                    images,
+                    spec=loaded.spec,
+                    lambda_sigma=config.lambda_sigma,
+                    std_eps=config.bn_std_eps,
+                    input_pseudo_layer=config.input_pseudo_layer,
+                    batch_size=max(config.batch_size, 1),
+                    device=dev,
+                )
             settings["last_bn_layers"] = [run.layers[i][0] for i in run.last_bns]
             settings["num_bn_layers"] = len(run.layers)
         finally:
@@ -595,7 +837,9 @@ def generate_images(
         "amp": bool(config.method is not Method.NOISE and run.use_amp),
         "versions": library_versions(),
     }
-    if out_path is not None:
+    if world.size > 1:
+        meta["rank"] = world.rank
+    if out_path is not None and world.is_main:
         write_outputs(out_path, images, meta, loaded.spec)
         if ckpt_path is not None:
             ckpt_path.unlink(missing_ok=True)

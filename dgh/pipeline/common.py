@@ -32,6 +32,7 @@ class Project:
     params: Params
     root: Path
     track: bool = True
+    params_file: Path | None = None  # the file it was read from (a multi-process stage relaunches with it)
 
     @property
     def layout(self) -> StageLayout:
@@ -60,7 +61,7 @@ def open_project(params_path: str | os.PathLike = "params.yaml", *, track: bool 
     apply_threads(params.threads)
     root = Path(params_path).resolve().parent
     ensure_ultralytics_font(root)
-    return Project(params, root, track)
+    return Project(params, root, track, Path(params_path).resolve())
 
 
 def ensure_ultralytics_font(root: Path) -> None:

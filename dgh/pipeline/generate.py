@@ -4,6 +4,10 @@ Generated sets (dgh, batch-bns, image-bns) run :func:`dgh.runs.generate.generate
 ``meta.json``, ``preview.png``, ``losses.json``); every set writes ``calib.json`` last (its params-file record), so
 a present ``calib.json`` means a complete set. Real and noise sets write only ``calib.json``; ``quantize`` draws
 them.
+
+A set with ``processes: K`` (K > 1) relaunches this module under ``torchrun --nproc-per-node K``
+(:func:`dgh.generation.distributed.launch`); every process generates its share of the batches and rank 0 writes the
+outputs, ``calib.json`` and the MLflow run.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dgh.generation.distributed import launch, process_rank, world_size_from_env
 from dgh.io import write_json
 from dgh.layout import META_FILE, PREVIEW_FILE
 from dgh.params import REAL
-from dgh.pipeline.common import Project, mlflow_run, stage_main
+from dgh.pipeline.common import Project, StageError, mlflow_run, stage_main
 from dgh.runs.generate import generate_to_dir
 from dgh.tracking import TAG_KIND, StepLogger
 
@@ -35,7 +40,17 @@ def run_generate(project: Project, set_id: str) -> Path:
         params.model_args(g.model)  # fail early on missing weights
         write_json(record, project.layout.calib_file(set_id))
         return out_dir
+    k = g.config.processes
+    if k > 1 and world_size_from_env() == 1:
+        params_file = project.params_file or project.root / "params.yaml"
+        rc = launch(k, "dgh.pipeline.generate", [set_id, "--params", str(params_file)])
+        if rc != 0:
+            raise StageError(f"generate {set_id}: the {k}-process run failed (exit status {rc}); rank 0's error is above")
+        return out_dir
     loaded = project.load_model(g.model)
+    if process_rank() != 0:  # another process of a multi-process run: its share only, rank 0 records
+        generate_to_dir(loaded, g.config, out_dir, device=params.device, progress=False, stats=False)
+        return out_dir
     tracker = project.tracker()
     tags = {TAG_KIND: "generation", "dgh.model": g.model, "dgh.calib": g.source, "dgh.stage": "generate",
             **({"dgh.ablation": g.ablation} if g.ablation else {})}

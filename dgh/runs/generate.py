@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dgh.generation import GenerationConfig, GenerationResult, generate_images
+from dgh.generation.distributed import process_rank
 from dgh.io import write_json
 from dgh.layout import LOSSES_FILE
 from dgh.models import LoadedModel
@@ -36,19 +37,25 @@ def generate_to_dir(
         stats: also write the set's statistics (``stats.json``, ``stats_layers.csv``, ``stats_output_ranges.csv``
             and two figures; :func:`dgh.runs.stats.stats_to_dir`).
 
+    In a multi-process run (torchrun; :mod:`dgh.generation.distributed`) every process calls this; rank 0 writes
+    the outputs and calls ``on_step``, the others return their (image-less) result.
+
     Raises:
         the errors of :func:`dgh.generation.generate_images` (all ``ValueError``).
     """
     out = Path(out_dir)
     history: list[dict[str, float]] = []
+    main = process_rank() == 0
 
     def record(iteration: int, metrics: Mapping[str, float]) -> None:
         history.append({"iteration": int(iteration), **{k: float(v) for k, v in metrics.items()}})
-        if on_step is not None:
+        if on_step is not None and main:
             on_step(iteration, metrics)
 
     result = generate_images(loaded, config, out_dir=out, resume=resume, callback=record, device=device,
                              progress=progress)
+    if not main:
+        return result
     write_json(history, out / LOSSES_FILE)
     if stats:
         stats_to_dir(loaded, result.images_nchw, out, source=config.method.value, batch_size=config.batch_size,
