@@ -73,6 +73,7 @@ REAL = "real"
 :class:`~dgh.generation.Method`."""
 GENERATED_METHODS: tuple[Method, ...] = (Method.DGH, Method.BATCH_BNS, Method.IMAGE_BNS)
 REAL_KNOBS = frozenset({"n_images", "seed"})
+LAUNCH_KNOBS = ("schedule", "processes", "process_timeout_s")  # multi-process generation (dgh.generation.distributed)
 
 
 class GenerateEntry(_Strict):
@@ -142,6 +143,9 @@ class GenerateEntry(_Strict):
     def to_json_dict(self) -> dict[str, Any]:
         """The set as ``params.yaml`` would spell it (inline config fields; ``real``: only n_images and seed)."""
         cfg = self.config.model_dump(mode="json")
+        for k in LAUNCH_KNOBS:  # issue 14's fields, left out at their defaults (records as before them)
+            if cfg.get(k) == GenerationConfig.model_fields[k].default:
+                cfg.pop(k, None)
         if not self.is_generated:
             cfg = {k: cfg[k] for k in sorted(REAL_KNOBS)}
         cfg.pop("method", None)

@@ -6,7 +6,8 @@ Public API:
   :class:`AugmentDraw`, :class:`Speed`, :class:`Amp`); presets via ``GenerationConfig.for_method(method, **overrides)``.
 - :func:`generate_images` -> :class:`GenerationResult`; writes ``images.pt``, ``meta.json``, ``preview.png``.
 - :func:`bn_distance`: dataset-level L_BN of an image set (no augmentation).
-- Errors (all ``ValueError``): :class:`GenerationConfigError`, :class:`NoBatchNormError`, :class:`GenerationError`.
+- Errors (all ``ValueError``): :class:`GenerationConfigError`, :class:`NoBatchNormError`, :class:`GenerationError`,
+  :class:`DistributedError` (several processes: :mod:`dgh.generation.distributed`).
 """
 
 from dgh.generation.bn_stats import NoBatchNormError, find_bn_layers
@@ -22,6 +23,7 @@ from dgh.generation.config import (
     Speed,
     Statistics,
 )
+from dgh.generation.distributed import DistributedError
 from dgh.generation.engine import (
     GenerationError,
     GenerationResult,
@@ -32,6 +34,7 @@ from dgh.generation.engine import (
 __all__ = [
     "Amp",
     "AugmentDraw",
+    "DistributedError",
     "GenerationConfig",
     "GenerationConfigError",
     "GenerationError",

@@ -4,6 +4,10 @@ One run: N canvases split into B fixed batches; one RAdam (lr 16) and one reduce
 batch; an iteration is a pass over all batches in a fresh random order; fp32 on CPU, fp16 autocast + gradient
 scaler on CUDA; every random draw comes from one seeded CPU ``torch.Generator`` so runs are reproducible and a
 checkpoint (every K iterations, atomic, with that generator's state) resumes bit-for-bit.
+
+``schedule=synchronous`` (:class:`~dgh.generation.config.Schedule`; required with several processes, see
+:mod:`dgh.generation.distributed`): every batch of an iteration steps against the cache of the iteration's start,
+draws are keyed by (seed, batch, iteration), and the refreshed moments are exchanged once per iteration.
 """
 
 from __future__ import annotations
@@ -695,6 +699,14 @@ def generate_images(
         NoBatchNormError: the model has no BN layer (fused?).
         GenerationConfigError: the model cannot take its input size, or a setting does not fit.
         GenerationError: the loss became NaN/inf (the last good checkpoint is kept), or a checkpoint does not fit.
+        DistributedError: several processes: a process failed, died or did not answer within
+            ``config.process_timeout_s`` (one line naming the rank), or they loaded different weights.
+
+    Several processes (issue 14; :mod:`dgh.generation.distributed`): under ``torchrun`` (``WORLD_SIZE`` > 1) every
+    process calls this with the same arguments; rank r optimizes batches r, r+K, ... with ``schedule=synchronous``
+    and the exact global moments, exchanged once per iteration. Rank 0 returns the images and writes ``out_dir``;
+    the other ranks return ``images_nchw`` of shape ``(0, 3, H, W)``. ``callback`` runs on every rank with the same
+    (global) metrics. Checkpoints are gathered on rank 0 and resume at any number of processes.
     """
     if not isinstance(config, GenerationConfig):
         raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
