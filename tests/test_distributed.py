@@ -376,3 +376,8 @@ def test_dvc_stage_and_cli_turn_processes_into_a_torchrun_launch(tmp_path, monke
     assert res.exit_code == 0, res.output
     assert calls == [(2, "dgh.cli", argv)]
     assert not (tmp_path / "o" / "images.pt").exists()  # the parent only launches
+
+
+def test_sequential_schedule_with_several_processes_is_refused_by_the_config():
+    with pytest.raises(GenerationConfigError, match="schedule=sequential cannot run in 2 processes"):
+        _cfg(processes=2, schedule="sequential")

@@ -254,6 +254,11 @@ class GenerationConfig(BaseModel):
             raise GenerationConfigError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
         if self.output_loss_weight is not None and self.output_loss_ratio is not None:
             raise GenerationConfigError("set either output_loss_weight (fixed lambda_out) or output_loss_ratio (derived), not both")
+        if self.processes > 1 and self.schedule is Schedule.SEQUENTIAL:
+            raise GenerationConfigError(
+                f"schedule=sequential cannot run in {self.processes} processes (each step waits for the one before); "
+                "use schedule=synchronous or leave it unset"
+            )
         return self
 
     @classmethod
