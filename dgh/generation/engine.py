@@ -44,6 +44,7 @@ from dgh.generation.config import (
     Speed,
     Statistics,
     effective_lr,
+    init_affine,
 )
 from dgh.generation.distributed import (
     N_TERMS,
@@ -241,6 +242,7 @@ class _Run:
         self.input_tgt = type(it)(it.name, it.mean.to(device), it.std.to(device))
         lo, hi = self.spec.pixel_range()
         self.lo, self.hi = lo.to(device), hi.to(device)
+        self.init_affine = init_affine(self.spec.mean, self.spec.std, config.init)
         self.pipeline = ImagePipeline(
             out_hw=tuple(self.spec.input_size),
             pad=self.settings["canvas_pad"],
@@ -309,7 +311,8 @@ class _Run:
         else:
             gen = torch.Generator().manual_seed(self.config.seed)
             first = self.slices[0]
-            canvases = init_canvases(self.config.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+            canvases = init_canvases(self.config.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen,
+                             self.init_affine)
             canvas = canvases[first].to(self.device).requires_grad_(True)
         outputs, moments = self.forward_moments(self.pipeline.final_view(canvas))
         batch_stats = self.config.model_copy(update={"statistics": Statistics.BATCH}) \
@@ -384,14 +387,16 @@ class _Run:
         from a generator keyed by (seed, "init", b) (:func:`dgh.generation.distributed.keyed_generator`)."""
         s = self.slices[b]
         gen = keyed_generator(self.config.seed, "init", b)
-        return init_canvases(s.stop - s.start, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+        return init_canvases(s.stop - s.start, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen,
+                             self.init_affine)
 
     def new_state(self) -> _State:
         cfg = self.config
         if self.synchronous:
             return self._new_state_synchronous()
         gen = torch.Generator().manual_seed(cfg.seed)
-        canvases_all = init_canvases(cfg.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen)
+        canvases_all = init_canvases(cfg.n_images, self.pipeline.canvas_hw, self.lo.cpu(), self.hi.cpu(), gen,
+                             self.init_affine)
         # detached slices share one storage on CPU (no second copy of the set); .to() copies on CUDA
         canvases = [canvases_all[s].detach().to(self.device).requires_grad_(True) for s in self.slices]
         state = _State(canvases, [], [], [], [], [], gen)
@@ -449,6 +454,9 @@ class _Run:
         else:
             terms["loss"].backward()
             opt.step()
+        if self.config.project_canvas:
+            with torch.no_grad():
+                torch.maximum(torch.minimum(canvas, self.hi, out=canvas), self.lo, out=canvas)
         if sched is not None:
             sched.step(loss_value)
         if self.config.statistics is Statistics.ALL and refresh:

@@ -119,12 +119,16 @@ class ImagePipeline:
 
 
 def init_canvases(
-    n: int, canvas_hw: tuple[int, int], lo: torch.Tensor, hi: torch.Tensor, generator: torch.Generator
+    n: int, canvas_hw: tuple[int, int], lo: torch.Tensor, hi: torch.Tensor, generator: torch.Generator,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Initialization (method.md section 2): i.i.d. N(0, 1) per pixel in normalized space, clamped to
-    ``[lo, hi]``. Returns float32 ``(n, 3, *canvas_hw)`` on CPU."""
+    ``[lo, hi]``; with ``affine = (scale, shift)`` (each ``(1, 3, 1, 1)``, :func:`dgh.generation.config.init_affine`)
+    the draw is ``scale * z + shift`` before the clamp. Returns float32 ``(n, 3, *canvas_hw)`` on CPU."""
     x = torch.randn((n, 3, *canvas_hw), generator=generator, dtype=torch.float32)
-    return x.clamp_(min=lo.to(x), max=hi.to(x))  # in place: no second N-sized tensor
+    if affine is not None:
+        x.mul_(affine[0]).add_(affine[1])  # in place: no second N-sized tensor
+    return x.clamp_(min=lo.to(x), max=hi.to(x))
 
 
 def batch_slices(n_images: int, batch_size: int) -> list[slice]:
