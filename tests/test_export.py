@@ -255,6 +255,45 @@ def test_agreement_error_names_the_first_differing_tensor(tiny_w8a8, tmp_path):
         check_agreement(qmodel, graph_broken, _images(4))
 
 
+def test_systematic_one_step_mismatch_is_an_error(tiny_w8a8, tmp_path):
+    """A mismatch never larger than one step (conv2's bias moved by half a step of its output quantizer in the file:
+    about half of that tensor's elements round to the neighbour) is caught by the near-tie bound on the teacher-forced
+    fraction of differing elements, and named; the step bound alone would pass it."""
+    qmodel, graph = tiny_w8a8
+    model = onnx.load(str(graph.path))
+    target = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    bias = {i.name: i for i in model.graph.initializer}[target.input[2]]
+    step = qmodel.model.conv2.output_quantizer.effective_scale().item()
+    bias.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(bias) + np.float32(step / 2)), bias.name))
+    broken = tmp_path / "half_step.onnx"
+    onnx.save(model, str(broken))
+    graph_broken = type(graph)(broken, graph.opset, graph.input_name, graph.output_names, graph.quantizers)
+    x = _images(4)
+    loose = check_agreement(qmodel, graph_broken, x, max_local_fraction=None, reference=False)
+    row = next(t for t in loose.teacher_forced if t.name == "model.conv2.output_quantizer")
+    assert loose.ok and row.max_steps == 1.0 and row.frac_differing > 0.2
+    with pytest.raises(AgreementError, match=r"model\.conv2\.output_quantizer \(1 steps on \d+ of 8192 elements"):
+        check_agreement(qmodel, graph_broken, x)
+
+
+def test_agreement_reports_the_float_order_reference(tiny_w8a8):
+    """The free-running output difference is reported next to PyTorch against itself with its other convolution
+    kernels; the kernel switch is undone afterwards."""
+    from dgh.export.verify import alternate_kernels
+
+    qmodel, graph = tiny_w8a8
+    before = torch.backends.mkldnn.enabled
+    agreement = check_agreement(qmodel, graph, _images(8, seed=3))
+    assert torch.backends.mkldnn.enabled == before
+    summary = agreement.summary()
+    assert summary["reference_output_steps"] is not None and 0 <= summary["reference_output_steps"] <= 1
+    assert 0 <= summary["max_local_fraction"] <= 1e-3
+    with alternate_kernels("cpu"):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled == before
+    assert check_agreement(qmodel, graph, _images(2), reference=False).reference_output_steps is None
+
+
 def test_export_rejects_bad_input(tmp_path):
     qmodel = _quantized(TinyNet())
     with pytest.raises(ExportError, match="opset"):
