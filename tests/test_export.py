@@ -226,6 +226,36 @@ def test_clip_bounds_reproduce_narrow_range_exactly():
         np.testing.assert_array_equal(y, q(x).detach().numpy())
 
 
+def test_exact_ties_round_half_to_even_on_both_sides():
+    """Every exact tie ``(k + 1/2) s`` of an 8-bit power-of-two quantizer (they occur in sums and averages of grid
+    values) rounds the same way in onnxruntime's QuantizeLinear and in the fake quantizer: half to even (ONNX
+    QuantizeLinear spec; ``torch.round``), so ``0.5 s -> 0``, ``1.5 s -> 2 s``, ``-2.5 s -> -2 s``."""
+    from dgh.export.qdq import quant_params
+    from dgh.export.runtime import make_session
+    from dgh.quantization import FakeQuantizer
+
+    for signed in (True, False):
+        q = FakeQuantizer(bits=8, symmetric=True, signed=signed, power_of_two=True)
+        q.set_threshold(3.0)
+        p = quant_params("q", q)
+        s = p.scale[0]
+        x = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s  # exact in float32
+        nodes = [onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        inits = [numpy_helper.from_array(p.onnx_scale().numpy(), "s"),
+                 numpy_helper.from_array(p.onnx_zero_point().numpy(), "z")]
+        graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [None])],
+                                       [onnx.helper.make_tensor_value_info("y", 1, [None])], inits)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+        y = make_session(model.SerializeToString(), threads=1).run(None, {"x": x.numpy()})[0]
+        ref = q(x).detach().numpy()
+        np.testing.assert_array_equal(y, ref)
+        inside = (x / s >= p.qmin) & (x / s <= p.qmax)
+        even = torch.round(x / s) * s  # torch.round: half to even
+        np.testing.assert_array_equal(ref[inside.numpy()], even[inside].numpy())
+        assert float(q(torch.tensor([0.5 * s, 1.5 * s]))[1]) == 2 * s and float(q(torch.tensor([0.5 * s]))) == 0.0
+
+
 def test_detector_exports_one_raw_output_per_level(tmp_path):
     qmodel = _quantized(TinyDetector(), task="detection")
     graph = export_onnx(qmodel, tmp_path / "det.onnx")
