@@ -179,7 +179,7 @@ def main() -> None:
         print(f"  {a['metric']} on {a['n_images']} images: onnxruntime {a['onnxruntime']} vs fake-quant "
               f"{a['fake_quant']} (diff {a['onnxruntime_minus_fake_quant']:+g}, tolerance {a['tolerance']}); "
               f"fake-quant with other conv kernels {a['fake_quant_other_kernels']} "
-              f"(spread {a['float_order_spread']:+g})")
+              f"(spread {a['float_order_spread']:+g}); onnxruntime optimized {a['onnxruntime_optimized']}")
 
 
 if __name__ == "__main__":

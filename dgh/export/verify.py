@@ -5,13 +5,13 @@ model output) is compared tensor by tensor: the difference is measured in quanti
 ``max |y_onnx - y_torch| / s`` (an integer for a per-tensor quantizer up to float rounding, since both values lie
 on the grid ``(q - z) s``).
 
-Why the two runtimes do not agree bit for bit (measured, ``tmp`` investigation of issue 15 on ResNet-20, YOLOv5n and
-EfficientNet-Lite0 W8A8 pot): the float arithmetic between quantizers is not bit-identical across runtimes. The
-weight scales are per-channel and not powers of two and the bias is a float, so a convolution's sum is rounded in
-float32 in an order that depends on the kernel (oneDNN/ATen in PyTorch, MLAS in onnxruntime; onnxruntime's sigmoid
-is a polynomial approximation). A value within a float rounding error (about 1e-7 relative) of a rounding boundary
-``(k + 1/2) s`` can then land on either neighbour: one step, on about 1e-6 of the elements. Example (ResNet-20,
-``layer1.0.conv2``): exact sum 24.49999957 steps, PyTorch 24.5 (rounds to 24), onnxruntime 24.5000038 (rounds to 25).
+Why the two runtimes do not agree bit for bit (measured on ResNet-20, YOLOv5n and EfficientNet-Lite0 W8A8 pot,
+``docs/export.md``): the float arithmetic between quantizers is not bit-identical across runtimes. The weight scales
+are per-channel and not powers of two and the bias is a float, so a convolution's sum is rounded in float32 in an
+order that depends on the kernel (oneDNN/ATen in PyTorch, MLAS in onnxruntime; the sigmoid of SiLU is another kernel
+too). A value within a float rounding error (about 1e-7 relative) of a rounding boundary ``(k + 1/2) s`` can then
+land on either neighbour: one step, on about 1e-6 of the elements. Example (ResNet-20, ``layer1.0.conv2``): exact
+sum 24.49999957 steps, PyTorch 24.5 (rounds to 24), onnxruntime 24.5000038 (rounds to 25).
 
 Those one-step flips propagate: a changed input moves every accumulator that reads it by ``w * s_in``, which can be
 several output steps, so a free-running comparison grows with depth (at the outputs of YOLOv5n: up to 13 steps on
