@@ -43,7 +43,6 @@ from dgh.evaluation import evaluate_classification, evaluate_coco  # noqa: E402
 from dgh.export import (  # noqa: E402
     GraphOptimization,
     OnnxRuntimeModel,
-    evaluate_classification_onnx,
     evaluate_coco_onnx,
     export_float_onnx,
     export_quantized,
@@ -71,18 +70,38 @@ def interleaved_min_times(runners: dict, x: torch.Tensor, repeats: int) -> dict[
     return best
 
 
+class TopOneRecorder(torch.nn.Module):
+    """Passes a classifier's logits through and records its top-1 predictions, batch by batch (evaluation order)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.predictions: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        self.predictions.append(y.argmax(dim=1).cpu())
+        return y
+
+    def all(self) -> torch.Tensor:
+        return torch.cat(self.predictions)
+
+
 def accuracy(args: argparse.Namespace, loaded, qmodel, onnx_path: Path) -> dict:  # noqa: ANN001
     """Top-1 or mAP of the fake-quant model (report path), onnxruntime (exported file) and the fake-quant model with
     PyTorch's other convolution kernels, with wall times, differences and the issue's tolerance."""
     detection = loaded.spec.task == "detection"
     key = "map" if detection else "top1"
 
-    def torch_eval(model) -> dict:  # noqa: ANN001
+    recorders: dict[str, TopOneRecorder] = {}
+
+    def torch_eval(model, tag: str = "fake_quant") -> dict:  # noqa: ANN001
         if detection:
             return evaluate_coco(model, loaded, args.eval_data, labels=args.labels, annotations=args.annotations,
                                  imgsz=args.imgsz, batch_size=args.eval_batch, device="cpu", progress=False,
                                  limit=args.limit)
-        return evaluate_classification(model, loaded.spec, args.eval_data, limit=args.limit,
+        recorders[tag] = rec = TopOneRecorder(model)
+        return evaluate_classification(rec, loaded.spec, args.eval_data, limit=args.limit,
                                        batch_size=args.eval_batch, device="cpu", progress=False)
 
     def ort_eval(optimization: GraphOptimization = GraphOptimization.none) -> dict:
@@ -91,13 +110,17 @@ def accuracy(args: argparse.Namespace, loaded, qmodel, onnx_path: Path) -> dict:
                                       annotations=args.annotations, imgsz=args.imgsz, batch_size=args.eval_batch,
                                       progress=False, limit=args.limit, threads=args.threads,
                                       optimization=optimization)
-        return evaluate_classification_onnx(onnx_path, loaded.spec, args.eval_data, limit=args.limit,
-                                            batch_size=args.eval_batch, progress=False, threads=args.threads,
-                                            optimization=optimization)
+        # what evaluate_classification_onnx runs (OnnxRuntimeModel on the CPU, no autocast), with the predictions
+        # recorded
+        recorders[f"onnxruntime/{optimization.value}"] = rec = TopOneRecorder(
+            OnnxRuntimeModel(onnx_path, False, args.threads, optimization))
+        return {**evaluate_classification(rec, loaded.spec, args.eval_data, limit=args.limit,
+                                          batch_size=args.eval_batch, device="cpu", progress=False, amp=False),
+                "backend": "onnxruntime"}
 
     def kernels_eval() -> dict:
         with alternate_kernels("cpu"):
-            return torch_eval(qmodel)
+            return torch_eval(qmodel, "fake_quant_other_kernels")
 
     values, seconds = {}, {}
     for name, fn in (("fake_quant", lambda: torch_eval(model_to_evaluate(loaded, args.quantized))),
@@ -110,7 +133,12 @@ def accuracy(args: argparse.Namespace, loaded, qmodel, onnx_path: Path) -> dict:
         n_images = metrics["n_images"]
     tol = TOLERANCE[key]
     fq, ort, other = values["fake_quant"], values["onnxruntime"], values["fake_quant_other_kernels"]
-    return {"metric": key, "n_images": n_images, **values, "seconds": seconds,
+    differing = {}
+    if recorders:  # classification: how many top-1 predictions differ from the fake-quant model's
+        ref = recorders["fake_quant"].all()
+        differing = {"top1_predictions_differing_from_fake_quant": {
+            name: int((rec.all() != ref).sum()) for name, rec in recorders.items() if name != "fake_quant"}}
+    return {"metric": key, "n_images": n_images, **values, "seconds": seconds, **differing,
             "onnxruntime_minus_fake_quant": round(ort - fq, 5),
             "float_order_spread": round(other - fq, 5),
             "onnxruntime_minus_other_kernels": round(ort - other, 5),
@@ -180,6 +208,8 @@ def main() -> None:
               f"{a['fake_quant']} (diff {a['onnxruntime_minus_fake_quant']:+g}, tolerance {a['tolerance']}); "
               f"fake-quant with other conv kernels {a['fake_quant_other_kernels']} "
               f"(spread {a['float_order_spread']:+g}); onnxruntime optimized {a['onnxruntime_optimized']}")
+        if "top1_predictions_differing_from_fake_quant" in a:
+            print(f"  top-1 predictions differing from fake-quant: {a['top1_predictions_differing_from_fake_quant']}")
 
 
 if __name__ == "__main__":
