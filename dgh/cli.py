@@ -303,7 +303,8 @@ def export_cmd(
     a = summary["agreement"]
     typer.echo(f"wrote {out}/model.onnx ({summary['size_bytes'] / 1e6:.3f} MB, {summary['activation_qdq']} "
                f"activation QDQ, {summary['weight_dq']} weight DQ); onnxruntime vs fake-quant: outputs within "
-               f"{a['max_output_steps']:g} steps, every tensor within {a['max_local_steps']:g} step given equal inputs")
+               f"{a['max_output_steps']:g} steps (PyTorch vs itself with its other conv kernels: "
+               f"{a['reference_output_steps']:g}), every tensor within {a['max_local_steps']:g} step given equal inputs")
 
 
 @app.command("stats")

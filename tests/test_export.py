@@ -226,6 +226,36 @@ def test_clip_bounds_reproduce_narrow_range_exactly():
         np.testing.assert_array_equal(y, q(x).detach().numpy())
 
 
+def test_exact_ties_round_half_to_even_on_both_sides():
+    """Every exact tie ``(k + 1/2) s`` of an 8-bit power-of-two quantizer (they occur in sums and averages of grid
+    values) rounds the same way in onnxruntime's QuantizeLinear and in the fake quantizer: half to even (ONNX
+    QuantizeLinear spec; ``torch.round``), so ``0.5 s -> 0``, ``1.5 s -> 2 s``, ``-2.5 s -> -2 s``."""
+    from dgh.export.qdq import quant_params
+    from dgh.export.runtime import make_session
+    from dgh.quantization import FakeQuantizer
+
+    for signed in (True, False):
+        q = FakeQuantizer(bits=8, symmetric=True, signed=signed, power_of_two=True)
+        q.set_threshold(3.0)
+        p = quant_params("q", q)
+        s = p.scale[0]
+        x = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s  # exact in float32
+        nodes = [onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        inits = [numpy_helper.from_array(p.onnx_scale().numpy(), "s"),
+                 numpy_helper.from_array(p.onnx_zero_point().numpy(), "z")]
+        graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [None])],
+                                       [onnx.helper.make_tensor_value_info("y", 1, [None])], inits)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+        y = make_session(model.SerializeToString(), threads=1).run(None, {"x": x.numpy()})[0]
+        ref = q(x).detach().numpy()
+        np.testing.assert_array_equal(y, ref)
+        inside = (x / s >= p.qmin) & (x / s <= p.qmax)
+        even = torch.round(x / s) * s  # torch.round: half to even
+        np.testing.assert_array_equal(ref[inside.numpy()], even[inside].numpy())
+        assert float(q(torch.tensor([0.5 * s, 1.5 * s]))[1]) == 2 * s and float(q(torch.tensor([0.5 * s]))) == 0.0
+
+
 def test_detector_exports_one_raw_output_per_level(tmp_path):
     qmodel = _quantized(TinyDetector(), task="detection")
     graph = export_onnx(qmodel, tmp_path / "det.onnx")
@@ -253,6 +283,45 @@ def test_agreement_error_names_the_first_differing_tensor(tiny_w8a8, tmp_path):
     graph_broken = type(graph)(broken, graph.opset, graph.input_name, graph.output_names, graph.quantizers)
     with pytest.raises(AgreementError, match="model.conv2.output_quantizer"):
         check_agreement(qmodel, graph_broken, _images(4))
+
+
+def test_systematic_one_step_mismatch_is_an_error(tiny_w8a8, tmp_path):
+    """A mismatch never larger than one step (conv2's bias moved by half a step of its output quantizer in the file:
+    about half of that tensor's elements round to the neighbour) is caught by the near-tie bound on the teacher-forced
+    fraction of differing elements, and named; the step bound alone would pass it."""
+    qmodel, graph = tiny_w8a8
+    model = onnx.load(str(graph.path))
+    target = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    bias = {i.name: i for i in model.graph.initializer}[target.input[2]]
+    step = qmodel.model.conv2.output_quantizer.effective_scale().item()
+    bias.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(bias) + np.float32(step / 2)), bias.name))
+    broken = tmp_path / "half_step.onnx"
+    onnx.save(model, str(broken))
+    graph_broken = type(graph)(broken, graph.opset, graph.input_name, graph.output_names, graph.quantizers)
+    x = _images(4)
+    loose = check_agreement(qmodel, graph_broken, x, max_local_fraction=None, reference=False)
+    row = next(t for t in loose.teacher_forced if t.name == "model.conv2.output_quantizer")
+    assert loose.ok and row.max_steps == 1.0 and row.frac_differing > 0.2
+    with pytest.raises(AgreementError, match=r"model\.conv2\.output_quantizer \(1 steps on \d+ of 8192 elements"):
+        check_agreement(qmodel, graph_broken, x)
+
+
+def test_agreement_reports_the_float_order_reference(tiny_w8a8):
+    """The free-running output difference is reported next to PyTorch against itself with its other convolution
+    kernels; the kernel switch is undone afterwards."""
+    from dgh.export.verify import alternate_kernels
+
+    qmodel, graph = tiny_w8a8
+    before = torch.backends.mkldnn.enabled
+    agreement = check_agreement(qmodel, graph, _images(8, seed=3))
+    assert torch.backends.mkldnn.enabled == before
+    summary = agreement.summary()
+    assert summary["reference_output_steps"] is not None and 0 <= summary["reference_output_steps"] <= 1
+    assert 0 <= summary["max_local_fraction"] <= 1e-3
+    with alternate_kernels("cpu"):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled == before
+    assert check_agreement(qmodel, graph, _images(2), reference=False).reference_output_steps is None
 
 
 def test_export_rejects_bad_input(tmp_path):

@@ -53,6 +53,9 @@ def run_export(project: Project, experiment_id: str) -> Path:
                 "onnx_max_output_steps": agreement["max_output_steps"],
                 "onnx_max_local_steps": agreement["max_local_steps"],
                 "onnx_frac_output_differing": agreement["frac_output_differing"],
+                "onnx_max_local_fraction": agreement["max_local_fraction"],
+                **({"onnx_reference_output_steps": agreement["reference_output_steps"]}
+                   if agreement["reference_output_steps"] is not None else {}),
             })
             for name in (ONNX_FILE, EXPORT_RECORD_FILE):
                 tracker.log_artifact(run_id, out / name, EXPORT_STAGE)
