@@ -40,40 +40,16 @@ from dgh.generation.distributed import (
 )
 from dgh.generation.output import CHECKPOINT_FILE
 from dgh.models.spec import LoadedModel, ModelSpec
+from tests.test_generation import TinyNet, _randomize_bn
 
 TIMEOUT_S = 20.0
 
 
-class TinyNet(nn.Module):
-    """conv-BN-ReLU-conv-BN-ReLU-pool-linear; input (N, 3, 8, 8) -> logits (N, 4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(5)
-        self.fc = nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
 def _loaded() -> LoadedModel:
     torch.manual_seed(0)
-    model = TinyNet()
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    for p in model.parameters():
-        p.requires_grad_(False)
     spec = ModelSpec(name="tiny", family="test", task="classification", input_size=(8, 8), pad=2, num_classes=4,
                      output_loss_weight=1e-3)
-    return LoadedModel(spec=spec, model=model.eval())
+    return LoadedModel(spec=spec, model=_randomize_bn(TinyNet()))
 
 
 def _cfg(**kw) -> GenerationConfig:
