@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from dgh.generation import GenerationConfig, GenerationConfigError, Schedule, generate_images
 from dgh.generation import engine
