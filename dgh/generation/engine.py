@@ -769,22 +769,28 @@ def _generate(loaded: LoadedModel, config: GenerationConfig, out_dir: str | Path
                 total=config.iterations, initial=state.iteration, disable=not progress or not world.is_main,
                 desc="generate", unit="it"
             )
+
+            def end_iteration(metrics: dict[str, float]) -> None:
+                """Count the iteration, record it, report it, and checkpoint every ``checkpoint_every`` iterations
+                (not after the last one: the outputs are written instead)."""
+                state.iteration += 1
+                state.history.append({"iteration": state.iteration, **metrics})
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", bn=f"{metrics['bn']:.4g}")
+                if callback is not None:
+                    callback(state.iteration, dict(metrics))
+                every = config.checkpoint_every
+                if ckpt_path is not None and every > 0 and state.iteration % every == 0:
+                    state.elapsed_s = elapsed_before + time.perf_counter() - t_loop
+                    if state.iteration < config.iterations:
+                        # synchronous: gathered on rank 0 (None on the other ranks)
+                        ckpt = run.checkpoint_synchronous(state) if run.synchronous else run.checkpoint_dict(state)
+                        if ckpt is not None:
+                            save_torch(ckpt, ckpt_path)
+
             try:
                 while run.synchronous and state.iteration < config.iterations:
-                    metrics = run.iteration_synchronous(state)
-                    state.iteration += 1
-                    state.history.append({"iteration": state.iteration, **metrics})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", bn=f"{metrics['bn']:.4g}")
-                    if callback is not None:
-                        callback(state.iteration, dict(metrics))
-                    every = config.checkpoint_every
-                    if ckpt_path is not None and every > 0 and state.iteration % every == 0:
-                        state.elapsed_s = elapsed_before + time.perf_counter() - t_loop
-                        if state.iteration < config.iterations:
-                            ckpt = run.checkpoint_synchronous(state)  # gathered on rank 0
-                            if ckpt is not None:
-                                save_torch(ckpt, ckpt_path)
+                    end_iteration(run.iteration_synchronous(state))
                 while state.iteration < config.iterations:
                     order = torch.randperm(len(state.canvases), generator=state.generator).tolist()
                     sums = {"loss": 0.0, "bn": 0.0, "out": 0.0}
@@ -795,19 +801,8 @@ def _generate(loaded: LoadedModel, config: GenerationConfig, out_dir: str | Path
                         step_terms = run.step(b, state, refresh=refresh)
                         for k in sums:
                             sums[k] += step_terms[k] / len(order)
-                    state.iteration += 1
                     lrs = [o.param_groups[0]["lr"] for o in state.optimizers]
-                    metrics = {**sums, "lr": sum(lrs) / len(lrs)}
-                    state.history.append({"iteration": state.iteration, **metrics})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{sums['loss']:.4g}", bn=f"{sums['bn']:.4g}")
-                    if callback is not None:
-                        callback(state.iteration, dict(metrics))
-                    every = config.checkpoint_every
-                    if ckpt_path is not None and every > 0 and state.iteration % every == 0:
-                        state.elapsed_s = elapsed_before + time.perf_counter() - t_loop
-                        if state.iteration < config.iterations:
-                            save_torch(run.checkpoint_dict(state), ckpt_path)
+                    end_iteration({**sums, "lr": sum(lrs) / len(lrs)})
             finally:
                 bar.close()
             images = run.final_images_synchronous(state) if run.synchronous else run.final_images(state)
