@@ -42,6 +42,7 @@ configure_offline()
 from dgh.models import load_model  # noqa: E402
 from dgh.models.registry import RANDOM_WEIGHTS  # noqa: E402
 from dgh.quantization import QuantConfig, iter_quantizers, quantize_model  # noqa: E402
+from dgh.quantization.fold import fold_batch_norms  # noqa: E402
 from dgh.quantization.lean import lean_forward_model, traced_lean_forward  # noqa: E402
 from dgh.threads import apply_threads  # noqa: E402
 
@@ -76,7 +77,9 @@ def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch:
     sync()
     t_cal = time.perf_counter() - t
     x = calib[:batch].to(device)
-    models = {"float": loaded.model, "fake-quant (reference)": qm, "lean (fused, eager)": lean_forward_model(qm)}
+    folded, _ = fold_batch_norms(loaded.model, x)  # a deep copy: the float model as the quantized one computes it
+    models = {"float": loaded.model, "float (BN folded)": folded.eval(), "fake-quant (reference)": qm,
+              "lean (fused, eager)": lean_forward_model(qm)}
     compile_s = float("nan")
     if compile_lean:
         models["lean (compiled)"] = lean_forward_model(qm, compile=True)
@@ -109,10 +112,10 @@ def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch:
     print(f"\n## {name} ({kind} weights, {n_q} quantizers): forward of batch {batch} "
           f"{tuple(x.shape)}, min of {repeats} interleaved rounds x {inner} calls; calibration of {n_calib} images "
           f"(pot W8A8 mse) {t_cal:.1f} s")
-    print("| forward | ms / batch | x float |")
-    print("|---|---|---|")
+    print("| forward | ms / batch | x float | x float (BN folded) |")
+    print("|---|---|---|---|")
     for key, v in best.items():
-        print(f"| {key} | {v * 1e3:.1f} | {v / best['float']:.2f} |")
+        print(f"| {key} | {v * 1e3:.1f} | {v / best['float']:.2f} | {v / best['float (BN folded)']:.2f} |")
     print(f"all lean outputs bit-identical to the reference: yes; trace of the replay {trace_s:.1f} s"
           + (f"; first call of the compiled lean forward (compile) {compile_s:.1f} s" if compile_lean else ""))
     return {"name": name, "best_s": best, "calib_s": t_cal, "compile_s": compile_s}

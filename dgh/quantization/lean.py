@@ -52,7 +52,9 @@ def fused_fake_quantize(
     rounds with ``round_ste(v) = (round(v) - v) + v``, and ``round(v) - v`` is exact in IEEE arithmetic (both are
     within a factor 2 of each other when ``|v| >= 0.5``, Sterbenz lemma; ``round(v) = 0`` otherwise), so adding ``v``
     back returns ``round(v)`` exactly, except that a ``-0.0`` becomes ``+0.0``, which the following ``+ z`` (also
-    ``+0.0`` for symmetric quantizers) does here too. The remaining ops are the same ops in the same order.
+    ``+0.0`` for symmetric quantizers) does here too. The remaining ops are the same ops in the same order. The one
+    exception is an infinite input: ``(round(v) - v) + v`` is NaN there, this op clamps it to the range end (a
+    finite model's activations are never infinite).
 
     Args:
         x: float tensor, any shape; not modified.
@@ -69,6 +71,35 @@ def fused_fake_quantize(
     t.clamp_(qmin, qmax)
     t.sub_(zero_point)
     return t.mul_(scale)
+
+
+def fused_fake_quantize_symmetric(
+    x: torch.Tensor, scale: torch.Tensor, scale_value: float, zero: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """:func:`fused_fake_quantize` for a per-tensor quantizer with zero point 0, in four passes instead of six:
+    ``t = x / s``, ``round``, ``clamp``, then ``t = 0 + s * t`` (one ``add`` with ``alpha``).
+
+    Bit-identical to the reference ``(clamp(round(x / s) + 0, qmin, qmax) - 0) * s``: ``round`` and ``clamp`` commute
+    with ``+ 0`` except for the sign of a zero (``-0.0 + 0 = +0.0``), ``- 0`` changes nothing, and ``0 + s * t`` is
+    ``s * t`` with a ``-0.0`` turned into ``+0.0`` whether the kernel rounds the product first or uses a fused
+    multiply-add (adding an exact zero to the exact product rounds once either way). Checked on ties, signed zeros
+    and NaN by the tests. Like :func:`fused_fake_quantize` (and unlike the reference, whose straight-through
+    ``(round(v) - v) + v`` makes ``±inf`` a NaN), an infinite input is clamped to the range end.
+
+    Args:
+        x: float32 tensor, any shape; not modified.
+        scale: ``()`` float32 tensor ``s > 0``.
+        scale_value: ``float(scale)``.
+        zero: ``()`` float32 tensor ``0.0`` on ``x``'s device.
+        qmin, qmax: the integer range.
+
+    Returns:
+        A new tensor like ``x``.
+    """
+    t = torch.div(x, scale)
+    t.round_()
+    t.clamp_(qmin, qmax)
+    return torch.add(zero, t, alpha=scale_value, out=t)
 
 
 def _fake_quantize_expression(
@@ -117,6 +148,7 @@ class LeanQuantizedModel(nn.Module):
         self.compile = compile
         self._fq: FakeQuantFn = compiled_fake_quantize() if compile else fused_fake_quantize
         self._weight_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._act_cache: dict[int, tuple[tuple, tuple]] = {}
         self._active = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -147,6 +179,23 @@ class LeanQuantizedModel(nn.Module):
     def _activation_forward(self, q: FakeQuantizer) -> Callable[..., torch.Tensor]:
         reference = FakeQuantizer.forward.__get__(q)
         fq = self._fq
+        cache = self._act_cache
+        symmetric_ok = not self.compile
+
+        def parameters(x: torch.Tensor) -> tuple:
+            """Broadcast scale and zero point for ``x`` (cached like the weights; in a trace they are constants),
+            plus ``float(s)`` and a zero tensor when :func:`fused_fake_quantize_symmetric` applies."""
+            key = (_weight_key(q, q.scale), x.dim(), x.dtype, x.device)
+            hit = cache.get(id(q))
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            scale = q.broadcast(q.effective_scale(), x).to(x.dtype)
+            zp = q.broadcast(q.zero_point, x).to(x.dtype)
+            sym = None
+            if symmetric_ok and x.dtype == torch.float32 and scale.dim() == 0 and not bool(torch.any(zp != 0)):
+                sym = (float(scale), torch.zeros((), dtype=x.dtype, device=x.device))
+            cache[id(q)] = (key, (scale, zp, sym))
+            return scale, zp, sym
 
         def forward(x: torch.Tensor, rounding: Callable | None = None) -> torch.Tensor:
             if not q.enabled or q.bypass:
@@ -154,8 +203,9 @@ class LeanQuantizedModel(nn.Module):
             if rounding is not None or not q.initialized or x.requires_grad:
                 return reference(x, rounding)
             with torch._C.DisableTorchFunction():  # the quantizer's arithmetic is never a capture site
-                scale = q.broadcast(q.effective_scale(), x).to(x.dtype)
-                zp = q.broadcast(q.zero_point, x).to(x.dtype)
+                scale, zp, sym = parameters(x)
+                if sym is not None:
+                    return fused_fake_quantize_symmetric(x, scale, sym[0], sym[1], q.qmin, q.qmax)
                 return fq(x, scale, zp, q.qmin, q.qmax)
 
         return forward
@@ -260,6 +310,7 @@ def traced_lean_forward(qmodel: QuantizedModel, example_nchw: torch.Tensor) -> t
     lean = lean_forward_model(qmodel)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarning about shape-dependent python values; checked below
+        lean(example_nchw)  # fills the weight and quantizer-parameter caches: the trace records them as constants
         traced = torch.jit.trace(lean, example_nchw, check_trace=False, strict=False)
         for x in (example_nchw, example_nchw[:1]):
             ref, out = _flat_outputs(qmodel(x)), _flat_outputs(traced(x))
