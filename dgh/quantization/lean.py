@@ -301,11 +301,12 @@ def traced_lean_forward(qmodel: QuantizedModel, example_nchw: torch.Tensor) -> t
     passes of :func:`fused_fake_quantize_symmetric` (six of :func:`fused_fake_quantize` for asymmetric or
     per-channel quantizers).
 
-    Measured with ``python benchmarks/quantize.py --no-compile --repeats 5`` (pot W8A8, one thread, 2-core CPU at
-    load average 2.9-5.3, min of 5 interleaved rounds): YOLOv5n at 320, batch 8: 0.99x the float model (1.11x the
-    BN-folded float model), against 1.18x for :func:`lean_forward_model` and 2.09x for the reference;
-    ResNet-20, batch 64: 0.81x float (1.06x BN-folded), lean 1.25x, reference 1.69x. (Before the constants: YOLOv5n
-    1.32x float, ResNet-20 1.13x.)
+    Measured (pot W8A8, one thread, 2-core CPU shared with other jobs at load average 6.5-12): ``python
+    benchmarks/quantize.py --no-compile --repeats 7`` (wall time, min of 7 interleaved rounds): YOLOv5n at 320, batch
+    8: 0.97x the float model (1.09x the BN-folded float model), lean forward 1.25x, reference 2.29x; ResNet-20, batch
+    64: 0.97x float (1.04x BN-folded), lean 1.52x, reference 1.96x. Same process, this thread's CPU time, against
+    the replay as it was before the constants (weights re-quantized on every call): YOLOv5n 1.06x -> 0.98x float,
+    ResNet-20 1.11x -> 1.01x.
 
     Args:
         qmodel: calibrated quantized model.
