@@ -42,6 +42,7 @@ configure_offline()
 from dgh.models import load_model  # noqa: E402
 from dgh.models.registry import RANDOM_WEIGHTS  # noqa: E402
 from dgh.quantization import QuantConfig, iter_quantizers, quantize_model  # noqa: E402
+from dgh.quantization.fold import fold_batch_norms  # noqa: E402
 from dgh.quantization.lean import lean_forward_model, traced_lean_forward  # noqa: E402
 from dgh.threads import apply_threads  # noqa: E402
 
@@ -62,7 +63,8 @@ def _same_bits(a, b) -> bool:
 
 
 def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch: int, device: torch.device,
-                repeats: int, inner: int, compile_lean: bool) -> dict:
+                repeats: int, inner: int, compile_lean: bool, clock_name: str = "wall") -> dict:
+    clock = time.thread_time if clock_name == "thread" else time.perf_counter
     loaded = load_model(name, weights, imgsz=imgsz)
     loaded.model.to(device)
     h, w = loaded.spec.input_size
@@ -76,7 +78,9 @@ def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch:
     sync()
     t_cal = time.perf_counter() - t
     x = calib[:batch].to(device)
-    models = {"float": loaded.model, "fake-quant (reference)": qm, "lean (fused, eager)": lean_forward_model(qm)}
+    folded, _ = fold_batch_norms(loaded.model, x)  # a deep copy: the float model as the quantized one computes it
+    models = {"float": loaded.model, "float (BN folded)": folded.eval(), "fake-quant (reference)": qm,
+              "lean (fused, eager)": lean_forward_model(qm)}
     compile_s = float("nan")
     if compile_lean:
         models["lean (compiled)"] = lean_forward_model(qm, compile=True)
@@ -99,20 +103,20 @@ def bench_model(name: str, weights: str, imgsz: int | None, n_calib: int, batch:
             for key, m in models.items():
                 m(x)  # warm-up of this round
                 sync()
-                t = time.perf_counter()
+                t = clock()
                 for _ in range(inner):
                     m(x)
                 sync()
-                best[key] = min(best[key], (time.perf_counter() - t) / inner)
+                best[key] = min(best[key], (clock() - t) / inner)
     n_q = sum(1 for _ in iter_quantizers(qm))
     kind = "real" if weights != RANDOM_WEIGHTS else "random"
     print(f"\n## {name} ({kind} weights, {n_q} quantizers): forward of batch {batch} "
-          f"{tuple(x.shape)}, min of {repeats} interleaved rounds x {inner} calls; calibration of {n_calib} images "
+          f"{tuple(x.shape)}, {clock_name} clock, min of {repeats} interleaved rounds x {inner} calls; calibration of {n_calib} images "
           f"(pot W8A8 mse) {t_cal:.1f} s")
-    print("| forward | ms / batch | x float |")
-    print("|---|---|---|")
+    print("| forward | ms / batch | x float | x float (BN folded) |")
+    print("|---|---|---|---|")
     for key, v in best.items():
-        print(f"| {key} | {v * 1e3:.1f} | {v / best['float']:.2f} |")
+        print(f"| {key} | {v * 1e3:.1f} | {v / best['float']:.2f} | {v / best['float (BN folded)']:.2f} |")
     print(f"all lean outputs bit-identical to the reference: yes; trace of the replay {trace_s:.1f} s"
           + (f"; first call of the compiled lean forward (compile) {compile_s:.1f} s" if compile_lean else ""))
     return {"name": name, "best_s": best, "calib_s": t_cal, "compile_s": compile_s}
@@ -230,6 +234,9 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3, help="forward calls per round and model")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = auto (dgh.threads)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd lean forward")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="inference timing: wall time, or this thread's CPU time (one thread, CPU only: insensitive "
+                         "to other jobs taking the cores, which inflate wall-time ratios on a loaded machine)")
     ap.add_argument("--mct-python", default=None, help="interpreter with dgh + MCT: run the calibration comparison")
     ap.add_argument("--calib-only", action="store_true", help="only the calibration comparison")
     ap.add_argument("--models", nargs="+", default=["resnet20_cifar10", "yolov5n"],
@@ -249,6 +256,8 @@ def main() -> None:
     if args.calib_only:
         return
     device = resolve_device(args.device)
+    if args.clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("--clock thread measures this thread's CPU time: it needs --device cpu and --threads 1")
     print(f"# quantized inference vs float, device {device}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     known = {  # name -> (weights, imgsz, batch, calibration images)
@@ -258,7 +267,7 @@ def main() -> None:
     for name in args.models:
         weights, imgsz, batch, n_calib = known.get(name, (RANDOM_WEIGHTS, None, 32, args.n_calib))
         bench_model(name, weights, imgsz, n_calib, args.batch or batch, device, args.repeats, args.inner,
-                    not args.no_compile)
+                    not args.no_compile, args.clock)
 
 
 if __name__ == "__main__":

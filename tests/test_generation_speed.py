@@ -97,3 +97,39 @@ def test_skipped_refresh_of_a_single_batch_changes_nothing() -> None:
         results.append(run.final_images(state))
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0], torch.zeros_like(results[0]))
+
+
+# SHA-256 of the float32 bytes of ``images_nchw`` from the generation code as it stood when the speed work on exact
+# mode began (commit 7a23dac; engine unchanged since dd27d43), recorded on the project's machine. Floating-point
+# results depend on the CPU's kernels and the torch build, so the check runs only where these match.
+_KNOWN_PLATFORM = ("2.14.1", "AVX512")
+_KNOWN_EXACT_IMAGES = {
+    False: "974940fd7097909d87082c6e9dcb6abc1f4a42311104c55cddd2f161ae0f9d3b",
+    True: "333133fb4ad58ce9061d090e785de21f4e467bfbc2f0728e942dd2eaec602bd7",
+}
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_exact_mode_images_are_bit_identical_to_the_recorded_ones(lazy: bool) -> None:
+    """Exact mode must keep producing the same images for the same seed (a reproduction run relies on it): a speed
+    change of the engine may not alter one bit. ResNet-20 with seeded random weights and BN statistics, 6 images in
+    batches of 4 and 2 (global statistics with the cache refresh), 3 iterations."""
+    import hashlib
+
+    from dgh.generation import generate_images
+    from dgh.models import load_model
+
+    platform = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
+    if platform != _KNOWN_PLATFORM:
+        pytest.skip(f"known answer recorded on torch {_KNOWN_PLATFORM[0]} / {_KNOWN_PLATFORM[1]}, here {platform}")
+    torch.manual_seed(0)
+    loaded = load_model("resnet20_cifar10", "random")
+    g = torch.Generator().manual_seed(0)
+    for m in loaded.model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    cfg = GenerationConfig.for_method("dgh", n_images=6, iterations=3, batch_size=4, seed=0, speed="exact",
+                                      checkpoint_every=0, lazy_refresh=lazy)
+    res = generate_images(loaded, cfg, progress=False, device="cpu")
+    assert hashlib.sha256(res.images_nchw.numpy().tobytes()).hexdigest() == _KNOWN_EXACT_IMAGES[lazy]

@@ -15,6 +15,7 @@ from dgh.quantization.lean import (
     compile_pays_off,
     compiled_fake_quantize,
     fused_fake_quantize,
+    fused_fake_quantize_symmetric,
     lean_forward_model,
 )
 from dgh.quantization.quantizers import fake_quantize
@@ -43,6 +44,35 @@ def test_fused_fake_quantize_is_bit_identical(scale: float, zp: float, qmin: int
     s, z = torch.tensor(scale), torch.tensor(zp)
     ref = fake_quantize(x, s, z, qmin, qmax)
     assert torch.equal(_bits(fused_fake_quantize(x, s, z, qmin, qmax)), _bits(ref))
+
+
+@pytest.mark.parametrize("scale", [2.0**-5, 0.0371, 3.3, 2.0**3])
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 15), (0, 255), (-8, 7), (-32768, 32767)])
+def test_fused_fake_quantize_symmetric_is_bit_identical(scale: float, qmin: int, qmax: int) -> None:
+    x = torch.cat([_hard_values(scale), torch.tensor([float("nan"), 1e-45, -1e-45])])
+    s, z = torch.tensor(scale), torch.tensor(0.0)
+    ref = fake_quantize(x, s, z, qmin, qmax)
+    out = fused_fake_quantize_symmetric(x, s, float(s), torch.zeros(()), qmin, qmax)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert (_bits(out) == _bits(torch.tensor(-0.0))).sum() == 0  # no negative zero survives, as in the reference
+    # infinities: the reference's straight-through rounding makes them NaN, both fused kernels clamp them alike
+    inf = torch.tensor([float("inf"), -float("inf")]) * torch.ones(5, 1)
+    assert torch.equal(_bits(fused_fake_quantize_symmetric(inf, s, float(s), torch.zeros(()), qmin, qmax)),
+                       _bits(fused_fake_quantize(inf, s, z, qmin, qmax)))
+
+
+def test_traced_replay_requantizes_no_weights(resnet20) -> None:
+    """The trace records the cached fake-quantized weights and quantizer parameters as constants: per activation
+    site only the four ops of :func:`fused_fake_quantize_symmetric` remain, and no weight is re-quantized."""
+    g = torch.Generator().manual_seed(8)
+    qmodel = quantize_model(resnet20, torch.randn(4, 3, 32, 32, generator=g), QuantConfig(preset="pot"),
+                            device="cpu", progress=False)
+    replay = traced_lean_forward(qmodel, torch.randn(2, 3, 32, 32, generator=g))
+    kinds = [n.kind() for n in replay.inlined_graph.nodes()]
+    n_conv = kinds.count("aten::_convolution") + kinds.count("aten::linear")
+    assert n_conv == 20  # 19 convs + the classifier
+    assert kinds.count("aten::round_") == kinds.count("aten::div")  # one div per activation site, none per weight
+    assert "aten::round" not in kinds and "aten::sub_" not in kinds
 
 
 def test_fused_fake_quantize_per_channel_is_bit_identical() -> None:
