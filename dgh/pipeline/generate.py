@@ -44,7 +44,7 @@ def run_generate(project: Project, set_id: str) -> Path:
         logger = StepLogger(tracker, run_id, every=25)
         t0 = time.perf_counter()
         result = generate_to_dir(loaded, g.config, out_dir, device=params.device, progress=params.progress,
-                                 on_step=logger, stats=False)  # the stats stage adds the real reference
+                                 on_step=logger)
         logger.flush()
         seconds = time.perf_counter() - t0
         write_json({**record, "seconds": round(seconds, 2)}, project.layout.calib_file(set_id))

@@ -9,7 +9,6 @@ from dgh.generation import GenerationConfig, GenerationResult, generate_images
 from dgh.io import write_json
 from dgh.layout import LOSSES_FILE
 from dgh.models import LoadedModel
-from dgh.runs.stats import stats_to_dir
 
 StepCallback = Callable[[int, Mapping[str, float]], None]
 
@@ -23,7 +22,6 @@ def generate_to_dir(
     progress: bool = True,
     resume: bool = False,
     on_step: StepCallback | None = None,
-    stats: bool = True,
 ) -> GenerationResult:
     """Run :func:`dgh.generation.generate_images` and write its outputs into ``out_dir``.
 
@@ -33,8 +31,9 @@ def generate_to_dir(
 
     Args:
         on_step: also called as ``on_step(iteration, metrics)`` after every iteration (e.g. MLflow logging).
-        stats: also write the set's statistics (``stats.json``, ``stats_layers.csv``, ``stats_output_ranges.csv``
-            and two figures; :func:`dgh.runs.stats.stats_to_dir`).
+
+    The set's statistics are separate (:func:`dgh.runs.stats.stats_to_dir`; ``dgh generate`` writes them next to
+    the images, the pipeline in the stage ``set_stats``), so that editing them never re-runs a generation.
 
     Raises:
         the errors of :func:`dgh.generation.generate_images` (all ``ValueError``).
@@ -50,7 +49,4 @@ def generate_to_dir(
     result = generate_images(loaded, config, out_dir=out, resume=resume, callback=record, device=device,
                              progress=progress)
     write_json(history, out / LOSSES_FILE)
-    if stats:
-        stats_to_dir(loaded, result.images_nchw, out, source=config.method.value, batch_size=config.batch_size,
-                     device=device)
     return result
