@@ -28,8 +28,10 @@ from dgh.stats.quant_outputs import (
     SITE_COLUMNS,
     log_quant_stats,
     log_thresholds,
+    make_experiment_summary,
     make_quant_stats_file,
     make_thresholds_file,
+    quant_table_markdown,
     read_quant_stats,
     sites_csv,
 )
@@ -195,6 +197,16 @@ def test_quantized_experiment_files_and_mlflow(tmp_path) -> None:
     assert [s.log2_high for s in tf.sites] == [-2.0 if s.name == "input_quantizer" else 0.0 for s in tf.sites]
     with pytest.raises(StatsError, match="cannot be compared"):
         make_thresholds_file(dgh, real.model_copy(update={"setting": "W4A8 pot mse"}))
+    # the report row: mean clipping over the n quantized sites (only the input clips), 1 site clipping, the input's
+    # range a quarter of real's (log2 -2), every other site equal
+    n_sites = len(rows)
+    table = quant_table_markdown([make_experiment_summary(real, make_thresholds_file(real, real)),
+                                  make_experiment_summary(dgh, tf)], {"tiny-dgh-w8a8": "80.00"})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| W8A8 pot mse | real (`tiny-real-w8a8`) | — | 0 / 0; 0 | 0 |")
+    assert lines[3] == (f"| W8A8 pot mse | dgh (`tiny-dgh-w8a8`) | 80.00 | {100 * 64 / 384 / n_sites:.2g} / "
+                        f"{100 * 79 / 384 / n_sites:.2g}; {100 * 143 / 384:.2g} | 1 | {-2 / n_sites:+.2f}; -2 .. +0 "
+                        "| 1 / 0 |")
 
     tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlartifacts", commit="abc")
     rid = tracker.start_run("tiny", "tiny-dgh-w8a8", fresh=True)

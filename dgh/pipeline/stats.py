@@ -8,7 +8,8 @@ quantized experiment of ``<model>`` side by side. It reads only the per-set and 
 - ``stages/stats/<model>/bn_layers.png`` and ``output_ranges.png``: every source of the model on one chart;
 - ``stages/stats/<model>/quantized/<exp-id>/thresholds.json``: per activation quantizer, ``log2`` of the
   experiment's range ends over the experiment calibrated on the model's real set with the same quantization
-  setting (:func:`dgh.stats.compare_thresholds`);
+  setting (:func:`dgh.stats.compare_thresholds`); ``summary.json``: the experiment's ``stats.q_*`` scalars (the
+  report's row);
 - ``stages/stats/<model>/quantized/<setting>.png``: per setting, the clipping rate on evaluation images and the
   range against real, one line per calibration source.
 
@@ -32,10 +33,12 @@ from dgh.stats.outputs import BN_PLOT_FILE, RANGES_PLOT_FILE, STATS_DIR, STATS_F
 from dgh.stats.plots import plot_bn_layers, plot_output_ranges, plot_setting
 from dgh.stats.quant_outputs import (
     QUANT_STATS_FILE,
+    SUMMARY_FILE,
     THRESHOLDS_FILE,
     QuantStatsFile,
     ThresholdsFile,
     log_thresholds,
+    make_experiment_summary,
     make_thresholds_file,
     read_quant_stats,
 )
@@ -115,7 +118,7 @@ def _quantized_stats(project: Project, model: str, tracker: Tracker | None) -> N
         groups.setdefault(key, []).append((exp_id, read_quant_stats(path)))
     used: set[Path] = set()
     for members in groups.values():
-        real = [doc for exp_id, doc in members if params.generation(doc.calib_set).method == REAL]
+        real = [doc for _, doc in members if params.generation(doc.calib_set).method == REAL]
         clipping: dict[str, QuantizedStats] = {}
         thresholds: dict[str, list[SiteThresholds]] = {}
         files: dict[str, tuple[ThresholdsFile, Path]] = {}
@@ -129,10 +132,13 @@ def _quantized_stats(project: Project, model: str, tracker: Tracker | None) -> N
         for exp_id, doc in members:
             label = doc.calib_source if doc.calib_source not in clipping else doc.calib_set
             clipping[label] = doc.evaluation
-            if real:
-                tf = make_thresholds_file(doc, real[0])
+            tf = make_thresholds_file(doc, real[0]) if real else None
+            if tf is not None:
                 thresholds[label] = tf.sites
-                files[exp_id] = (tf, write_text(tf.model_dump_json(indent=1) + "\n", out_root / exp_id / THRESHOLDS_FILE))
+                path = write_text(tf.model_dump_json(indent=1) + "\n", out_root / exp_id / THRESHOLDS_FILE)
+                files[exp_id] = (tf, path)
+            write_text(make_experiment_summary(doc, tf).model_dump_json(indent=1) + "\n",
+                       out_root / exp_id / SUMMARY_FILE)
         plot_setting(clipping, thresholds, figure, title=f"{model} {setting}: per activation quantizer"
                      + ("" if real else " (no real-calibrated experiment to compare ranges with)"))
         for exp_id, _doc in members:

@@ -30,6 +30,7 @@ from dgh.tracking import Tracker
 
 QUANT_STATS_FILE = "quant_stats.json"
 THRESHOLDS_FILE = "thresholds.json"
+SUMMARY_FILE = "summary.json"
 SITES_TABLE_FILE = "quant_sites.json"
 SITE_COLUMNS = ("site", "name", "role", "bits", "q_low", "q_high", "clip_calib", "clip_eval", "eval_min", "eval_max")
 
@@ -180,3 +181,67 @@ def log_thresholds(tracker: Tracker, run_id: str, doc: ThresholdsFile, artifacts
     for path in artifacts:
         tracker.log_artifact(run_id, path, artifact_path)
     return n
+
+
+class ExperimentSummary(BaseModel):
+    """Content of ``summary.json`` (per experiment, written by the per-model stage ``stats``; the report's row).
+
+    Attributes:
+        experiment, calib_set, calib_source, setting: as in :class:`QuantStatsFile`.
+        reference: the real-calibrated experiment compared with, or ``None`` (none with this setting).
+        summary: ``stats.q_calib_*``, ``stats.q_eval_*`` and, with a reference, ``stats.q_thr_*`` /
+            ``stats.q_sites_*``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experiment: str
+    calib_set: str
+    calib_source: str
+    setting: str
+    reference: str | None
+    summary: dict[str, float]
+
+
+def make_experiment_summary(doc: QuantStatsFile, thresholds: ThresholdsFile | None) -> ExperimentSummary:
+    """One experiment's row: its clipping summary and, when compared, its threshold summary."""
+    return ExperimentSummary(experiment=doc.experiment, calib_set=doc.calib_set, calib_source=doc.calib_source,
+                             setting=doc.setting, reference=thresholds.reference if thresholds else None,
+                             summary={**doc.summary, **(thresholds.summary if thresholds else {})})
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2g}"
+
+
+def quant_table_markdown(rows: list[ExperimentSummary], metrics: dict[str, str] | None = None) -> str:
+    """A markdown table, one row per quantized experiment of one model (in ``rows`` order).
+
+    Columns: setting, source, the metric (``metrics[experiment]``, when given), the clipping rate on evaluation
+    images (mean over sites, low / high, and the worst site, in percent), the number of sites clipping more than
+    1e-4, and the sites' range against the real-calibrated experiment (mean and min..max of ``log2`` of the upper
+    end; sites narrower / wider).
+    """
+    if not rows:
+        return ""
+    head = ["setting", "source", *(["metric"] if metrics is not None else []),
+            "clipped on eval. images, % (low / high; worst site)", "sites clipping > 0.01 %",
+            "range vs real-calibrated, log2 (mean; min .. max)", "sites narrower / wider"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r.summary
+        clip = (f"{_pct(s.get('stats.q_eval_clip_low'))} / {_pct(s.get('stats.q_eval_clip_high'))}; "
+                f"{_pct(s.get('stats.q_eval_clip_max'))}")
+        sites = s.get("stats.q_eval_sites_clipping")
+        if "stats.q_thr_log2_mean" in s:
+            thr = (f"{s['stats.q_thr_log2_mean']:+.2f}; {s['stats.q_thr_log2_min']:+.0f} .. "
+                   f"{s['stats.q_thr_log2_max']:+.0f}")
+            nw = f"{s['stats.q_sites_narrower']:.0f} / {s['stats.q_sites_wider']:.0f}"
+        else:
+            thr = nw = "—"
+        row = [r.setting, f"{r.calib_source} (`{r.experiment}`)"]
+        if metrics is not None:
+            row.append(metrics.get(r.experiment, "—"))
+        row += [clip, "—" if sites is None else f"{sites:.0f}", thr, nw]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
