@@ -47,8 +47,10 @@ from dgh.pipeline.common import Project, open_project
 from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
 from dgh.pipeline.export import run_export
 from dgh.pipeline.generate import run_generate
+from dgh.pipeline.quant_stats import run_quant_stats
 from dgh.pipeline.quantize import run_quantize
 from dgh.pipeline.report import run_report
+from dgh.pipeline.set_stats import run_set_stats
 from dgh.pipeline.stats import run_stats
 from dgh.preflight import PreflightError, check_output_dir, merge_settings, output_lock
 from dgh.project_check import check_project
@@ -226,6 +228,9 @@ def generate_cmd(
     with output_lock(out) if main else contextlib.nullcontext():
         loaded = load_model(model, str(weights) if weights else None, imgsz)
         result = generate_to_dir(loaded, config, out, device=device, progress=progress, resume=resume)
+        if main:
+            stats_to_dir(loaded, result.images_nchw, out, source=config.method.value, batch_size=config.batch_size,
+                         device=device)  # stats.json, stats_layers.csv, stats_output_ranges.csv, figures
     if main:
         terms = ", ".join(f"{k}={v:.4g}" for k, v in result.loss_terms.items())
         typer.echo(f"wrote {out}/images.pt {tuple(result.images_nchw.shape)}; final {terms}")
@@ -440,6 +445,8 @@ STAGES: dict[str, Callable[[Project, str], Path]] = {
     "evaluate": run_evaluate,
     "evaluate_imagenet_float": lambda project, model: run_evaluate_float(project, "imagenet", model),
     "evaluate_coco_float": lambda project, model: run_evaluate_float(project, "coco", model),
+    "set_stats": run_set_stats,
+    "quant_stats": run_quant_stats,
     "stats": run_stats,
     "report": run_report,
 }
@@ -449,7 +456,7 @@ STAGES: dict[str, Callable[[Project, str], Path]] = {
 @friendly
 def stage_cmd(
     stage: str = typer.Argument(..., help=" | ".join(STAGES)),
-    item: str = typer.Argument("", help="Calibration-set id (generate), experiment id (quantize, export, evaluate) or model key (*_float, stats)."),
+    item: str = typer.Argument("", help="Calibration-set id (generate, set_stats), experiment id (quantize, export, evaluate, quant_stats) or model key (*_float, stats)."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Run one pipeline stage by hand (dvc.yaml runs the same functions as python -m dgh.pipeline.<stage>)."""

@@ -34,6 +34,7 @@ from dgh.models import get_spec
 from dgh.params import REAL, Params
 from dgh.report_ablation import AblationRow, ablation_claim, ablation_markdown, detection_claim, fixes_of
 from dgh.stats.outputs import STATS_DIR, STATS_FILE, StatsFile, read_stats, stats_table_markdown
+from dgh.stats.quant_outputs import SUMMARY_FILE, ExperimentSummary, quant_table_markdown
 from dgh.tracking import git_commit
 
 matplotlib.use("Agg")
@@ -226,6 +227,19 @@ def read_set_stats(params: Params, root: Path, model: str) -> dict[str, StatsFil
     return dict(sorted(out.items(), key=lambda kv: _row_sort_key(kv[1].stats.source)))
 
 
+def read_experiment_stats(params: Params, root: Path, model: str) -> list[ExperimentSummary]:
+    """The ``summary.json`` rows the stage ``stats`` wrote for the (non-ablation) experiments of ``model``, by
+    setting, then source."""
+    out = []
+    for exp_id in params.experiment_ids():
+        e = params.experiment(exp_id)
+        path = StageLayout(root).stage_dir(STATS_DIR, model) / "quantized" / exp_id / SUMMARY_FILE
+        if e.model == model and not params.generation(e.calib).ablation and path.is_file():
+            out.append(ExperimentSummary.model_validate_json(path.read_text()))
+    settings = list(dict.fromkeys(r.setting for r in out))
+    return sorted(out, key=lambda r: (settings.index(r.setting), _row_sort_key(r.calib_source)))
+
+
 def detection_sentence(cells: list[Cell], model: str) -> str:
     """The claim sentence under a detection table (:func:`dgh.report_ablation.detection_claim`)."""
     mine = [c for c in cells if c.task == "coco" and c.model == model and c.ablation is None]
@@ -275,9 +289,9 @@ def ablation_sections(params: Params, cells: list[Cell]) -> list[str]:
 
 
 def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
-                    set_stats: dict[str, dict[str, StatsFile]] | None = None) -> str:
+                    set_stats: dict[str, dict[str, StatsFile]] | None = None, root: Path | None = None) -> str:
     """The whole of ``results.md``; ``set_stats`` (``{model: {set id: stats.json}}``) adds a calibration-set
-    statistics table per model."""
+    statistics table per model, ``root`` (the project) a quantized-model statistics table per model."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# DGH reproduction: results",
@@ -322,6 +336,15 @@ def render_markdown(params: Params, cells: list[Cell], commit: str = "unknown",
                 out += [f"Calibration-set statistics of {model} (stage `stats`, `stages/stats/{model}/`; L_BN as in "
                         "method.md section 3 on the whole set; pixels within half an 8-bit level of 0 or 1; output "
                         "range = max - min of one image's output):", "", table, ""]
+            rows = read_experiment_stats(params, root, model) if root is not None else []
+            if rows:
+                digits = PRIMARY[task][2]
+                metric = {c.experiment: f"{c.value:.{digits}f}" for c in cells
+                          if c.model == model and c.value is not None}
+                out += [f"Quantized-model statistics of {model} (stages `quant_stats_{task}` and `stats`; clipping "
+                        "on 32 evaluation images, every quantizer on; ranges against the experiment calibrated on "
+                        "real images with the same setting, log2 of the upper end per activation quantizer):", "",
+                        quant_table_markdown(rows, metric), ""]
     out += ablation_sections(params, cells)
     out += ["## Figures", "", "![accuracy by calibration source](accuracy.png)", "",
             "![generated calibration images next to real images](calibration_images.png)", ""]
@@ -435,7 +458,7 @@ def write_report(params: Params, root: str | Path) -> Path:
     cells = collect(params, root)
     commit = git_commit(root)
     set_stats = {model: read_set_stats(params, root, model) for model in params.models}
-    md = render_markdown(params, cells, commit, set_stats)
+    md = render_markdown(params, cells, commit, set_stats, root)
     write_json({"commit": commit, "cells": [asdict(c) for c in cells]}, out_dir / "results.json")
     png = plot_accuracy(cells)
     atomic_write(out_dir / "accuracy.png", lambda p: p.write_bytes(png))

@@ -175,6 +175,14 @@ def test_mlflow_runs_hold_real_values(project):
     assert 0.0 <= gmetrics["stats.clip_low"] <= 1.0 and 0.0 < gmetrics["stats.pred_entropy"] <= math.log(10) + 1e-9
     drun = client.get_run(tracker.find_run("yolov5n", "y5-dgh-w8a8"))
     assert 0.0 <= drun.data.metrics["map"] <= 1.0
+    # quantized-model statistics (stages quant_stats_* and stats) on the experiment runs
+    qmetrics = client.get_run(tracker.find_run("resnet20_cifar10", "r20-dgh-w8a8")).data.metrics
+    thr = json.loads((root / "stages" / "stats" / "resnet20_cifar10" / "quantized" / "r20-dgh-w8a8" /
+                      "thresholds.json").read_text())
+    assert thr["reference"] == "r20-real-w8a8"
+    assert qmetrics["stats.q_thr_log2_mean"] == pytest.approx(thr["summary"]["stats.q_thr_log2_mean"])
+    assert 0.0 <= qmetrics["stats.q_eval_clip_max"] <= 1.0 and 0.0 <= qmetrics["stats.q_calib_clip_low"] <= 1.0
+    assert 0.0 <= drun.data.metrics["stats.q_eval_clip_max"] <= 1.0
 
 
 def _status(root: Path, env: dict) -> dict:
@@ -214,9 +222,12 @@ def test_editing_one_generation_knob_reruns_only_its_downstream(project):
     params["generate"]["r20-dgh"]["iterations"] = 4
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     status = _status(root, env)
-    # the stages that read that entry: its generation, the experiments calibrated with it, the statistics (every
-    # model's stats stage reads the whole `generate` section) and the report
-    assert set(status) == {"generate@r20-dgh", "quantize_imagenet@r20-dgh-w8a8", "quantize_imagenet@r20-dgh-w4a8",
+    # the stages that read that entry: its generation and statistics, the experiments calibrated with it and their
+    # statistics, the per-model side-by-side statistics (every model's reads the whole `generate` section: seconds)
+    # and the report
+    assert set(status) == {"generate@r20-dgh", "set_stats@r20-dgh",
+                           "quantize_imagenet@r20-dgh-w8a8", "quantize_imagenet@r20-dgh-w4a8",
+                           "quant_stats_imagenet@r20-dgh-w8a8", "quant_stats_imagenet@r20-dgh-w4a8",
                            "export_imagenet@r20-dgh-w8a8", "export_imagenet@r20-dgh-w4a8",
                            "evaluate_imagenet@r20-dgh-w8a8", "evaluate_imagenet@r20-dgh-w4a8",
                            "stats@resnet20_cifar10", "stats@yolov5n", "report"}, status
@@ -227,6 +238,9 @@ def test_editing_one_generation_knob_reruns_only_its_downstream(project):
     assert ran == {
         "inputs",
         "generate@r20-dgh",
+        "set_stats@r20-dgh",
+        "quant_stats_imagenet@r20-dgh-w8a8",
+        "quant_stats_imagenet@r20-dgh-w4a8",
         "quantize_imagenet@r20-dgh-w8a8",
         "quantize_imagenet@r20-dgh-w4a8",
         "export_imagenet@r20-dgh-w8a8",

@@ -126,12 +126,16 @@ def test_dvc_yaml_matches_params():
         "evaluate_coco": ("${coco.experiments}", set(params.coco.experiments)),
         "evaluate_imagenet_float": ("${imagenet.eval}", set(params.imagenet.eval)),
         "evaluate_coco_float": ("${coco.eval}", set(params.coco.eval)),
+        "set_stats": ("${generate}", set(params.generate)),
+        "quant_stats_imagenet": ("${imagenet.experiments}", set(params.imagenet.experiments)),
+        "quant_stats_coco": ("${coco.experiments}", set(params.coco.experiments)),
         "stats": ("${models}", set(params.models)),
     }
     assert set(dvc) == set(expected) | {"inputs", "report"}
     for name, (foreach, _) in expected.items():
         assert dvc[name]["foreach"] == foreach, name
-        module = name.split("_")[0]
+        module = {"set_stats": "set_stats", "quant_stats_imagenet": "quant_stats",
+                  "quant_stats_coco": "quant_stats"}.get(name, name.split("_")[0])
         item = f"{name.split('_')[1]}:${{key}}" if name.endswith("_float") else "${key}"
         assert dvc[name]["do"]["cmd"] == f"python -m dgh.pipeline.{module} {item}"
     # generated sets are shared: quantize depends on the calibration set's folder, not on a copy

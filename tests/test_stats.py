@@ -21,11 +21,13 @@ from dgh.stats import (
     StatsError,
     calibration_set_stats,
     clip_counts,
+    compare_thresholds,
     entropy_nats,
     prediction_stats,
     quantized_model_stats,
+    threshold_summary,
 )
-from dgh.stats.plots import plot_bn_layers, plot_clipping, plot_output_ranges
+from dgh.stats.plots import plot_bn_layers, plot_clipping, plot_output_ranges, plot_setting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -291,6 +293,32 @@ def test_quantized_mode_sees_the_quantized_input() -> None:
     assert q_sites[conv1].data_max != pytest.approx(f_sites[conv1].data_max, rel=1e-3)
 
 
+def test_thresholds_against_a_reference_model_with_known_ranges() -> None:
+    # the same tiny model quantized twice: the input quantizer (4 bit, signed symmetric) at threshold 2 and at 8;
+    # every other site at 1000 in both. Representable upper ends: 2 * 7/8 and 8 * 7/8 -> log2 ratio exactly -2.
+    x = _images(2)
+    narrow = quantized_model_stats(_tiny_quantized(2.0), x)
+    real = quantized_model_stats(_tiny_quantized(8.0), x)
+    sites = compare_thresholds(narrow, real)
+    by_name = {s.name: s for s in sites}
+    inp = by_name["input_quantizer"]
+    assert (inp.q_high, inp.ref_q_high) == (1.75, 7.0)
+    assert (inp.q_low, inp.ref_q_low) == (-2.0, -8.0)
+    assert inp.log2_high == -2.0 and inp.log2_low == -2.0
+    others = [s for s in sites if s.name != "input_quantizer"]
+    assert others and all(s.log2_high == 0.0 for s in others)
+    assert [s.name for s in sites] == [s.name for s in narrow.sites if s.quantized]
+    summary = threshold_summary(sites)
+    assert summary["stats.q_thr_log2_min"] == -2.0 and summary["stats.q_thr_log2_max"] == 0.0
+    assert summary["stats.q_thr_log2_mean"] == pytest.approx(-2.0 / len(sites))
+    assert (summary["stats.q_sites_narrower"], summary["stats.q_sites_wider"]) == (1.0, 0.0)
+    flipped = threshold_summary(compare_thresholds(real, narrow))
+    assert (flipped["stats.q_thr_log2_max"], flipped["stats.q_sites_wider"]) == (2.0, 1.0)
+    other_model = quantized_model_stats(_tiny_quantized(2.0), x).model_copy(update={"sites": []})
+    with pytest.raises(StatsError, match="share no"):
+        compare_thresholds(narrow, other_model)
+
+
 # ---------------------------------------------------------------------------------------------- figures
 def test_plots_write_pngs(tmp_path) -> None:
     loaded = _loaded(TinyBNNet())
@@ -304,6 +332,10 @@ def test_plots_write_pngs(tmp_path) -> None:
     qs = quantized_model_stats(qmodel, _images(3))
     with Image.open(plot_clipping({"dgh": qs}, tmp_path / "clip.png")) as im:
         assert im.format == "PNG"
+    real = quantized_model_stats(_tiny_quantized(8.0), _images(3))
+    cmp = {"dgh": compare_thresholds(qs, real), "real": compare_thresholds(real, real)}
+    with Image.open(plot_setting({"dgh": qs, "real": real}, cmp, tmp_path / "setting.png")) as im:
+        assert im.format == "PNG" and im.size[0] > 300
     other = calibration_set_stats(_loaded(ChannelMeanLogits()), _images(2))
     with pytest.raises(StatsError):
         plot_bn_layers({"x": other}, tmp_path / "none.png")

@@ -7,14 +7,15 @@ import json
 import urllib.request
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dgh.cli import app
 from dgh.generation import GenerationConfig
 from dgh.models import load_model
 from dgh.runs.generate import generate_to_dir
-
-from dgh.stats import StatsError, calibration_set_stats
+from dgh.runs.stats import stats_to_dir
+from dgh.stats import StatsError, calibration_set_stats, quantized_model_stats
 from dgh.stats.outputs import (
     LAYER_COLUMNS,
     log_stats,
@@ -23,9 +24,20 @@ from dgh.stats.outputs import (
     stats_table_markdown,
     write_stats,
 )
+from dgh.stats.quant_outputs import (
+    SITE_COLUMNS,
+    log_quant_stats,
+    log_thresholds,
+    make_experiment_summary,
+    make_quant_stats_file,
+    make_thresholds_file,
+    quant_table_markdown,
+    read_quant_stats,
+    sites_csv,
+)
 from dgh.tracking import Tracker
 from tests.mlflow_server import mlflow_server
-from tests.test_stats import ChannelMeanLogits, TinyBNNet, _images, _loaded
+from tests.test_stats import ChannelMeanLogits, TinyBNNet, _images, _loaded, _tiny_quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,11 +159,66 @@ def test_dgh_stats_command_on_noise(tmp_path, resnet20_weights) -> None:
     assert bad.exit_code == 2 and "not found" in bad.output
 
 
-def test_generate_to_dir_writes_stats_matching_the_generation_bn_distance(tmp_path, resnet20_weights) -> None:
+def test_generated_set_stats_match_the_generation_bn_distance(tmp_path, resnet20_weights) -> None:
     loaded = load_model("resnet20_cifar10", str(resnet20_weights))
     config = GenerationConfig.for_method("dgh", n_images=6, iterations=1, batch_size=3)
     result = generate_to_dir(loaded, config, tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "stats.json").exists()  # generation never runs the statistics code (`dgh generate` does)
+    stats_to_dir(loaded, result.images_nchw, tmp_path, source="dgh", batch_size=config.batch_size, device="cpu")
     doc = read_stats(tmp_path)
     # the same images, the same L_BN definition and batch size as the engine's final bn_distance
     assert doc.stats.bn_distance == pytest.approx(result.loss_terms["bn_distance"], rel=1e-12)
     assert doc.stats.source == "dgh" and doc.stats.n_images == 6
+
+
+def _experiment(name: str, source: str, threshold: float, images):
+    qmodel = _tiny_quantized(threshold)
+    calib = quantized_model_stats(qmodel, images[:2], source="calibration set")
+    ev = quantized_model_stats(qmodel, images, source="evaluation images")
+    return make_quant_stats_file(name, "tiny", f"tiny-{source}", source, "W8A8 pot mse", calib, ev)
+
+
+def test_quantized_experiment_files_and_mlflow(tmp_path) -> None:
+    x = ((torch.arange(384, dtype=torch.float32) - 192) / 64).view(2, 3, 8, 8)  # -3 .. 2.984375 step 1/64
+    dgh = _experiment("tiny-dgh-w8a8", "dgh", 2.0, x)  # input site [-2, 1.75]: 143 of 384 values clipped
+    real = _experiment("tiny-real-w8a8", "real", 8.0, x)  # input site [-8, 7]: none clipped
+    assert dgh.summary["stats.q_eval_clip_max"] == pytest.approx(143 / 384)
+    assert real.summary["stats.q_eval_clip_max"] == 0.0
+    (tmp_path / "quant_stats.json").write_text(dgh.model_dump_json())
+    assert read_quant_stats(tmp_path) == dgh
+    rows = list(csv.DictReader(sites_csv(dgh).splitlines()))
+    assert tuple(rows[0]) == SITE_COLUMNS
+    assert [r["name"] for r in rows] == dgh.quantized_sites()
+    inp = next(r for r in rows if r["name"] == "input_quantizer")
+    assert float(inp["clip_eval"]) == pytest.approx(143 / 384) and float(inp["q_high"]) == 1.75
+    assert sum(float(r["clip_eval"]) for r in rows) == pytest.approx(143 / 384)  # no other site clips
+    tf = make_thresholds_file(dgh, real)
+    assert tf.reference == "tiny-real-w8a8"
+    assert [s.log2_high for s in tf.sites] == [-2.0 if s.name == "input_quantizer" else 0.0 for s in tf.sites]
+    with pytest.raises(StatsError, match="cannot be compared"):
+        make_thresholds_file(dgh, real.model_copy(update={"setting": "W4A8 pot mse"}))
+    # the report row: mean clipping over the n quantized sites (only the input clips), 1 site clipping, the input's
+    # range a quarter of real's (log2 -2), every other site equal
+    n_sites = len(rows)
+    table = quant_table_markdown([make_experiment_summary(real, make_thresholds_file(real, real)),
+                                  make_experiment_summary(dgh, tf)], {"tiny-dgh-w8a8": "80.00"})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| W8A8 pot mse | real (`tiny-real-w8a8`) | — | 0 / 0; 0 | 0 |")
+    assert lines[3] == (f"| W8A8 pot mse | dgh (`tiny-dgh-w8a8`) | 80.00 | {100 * 64 / 384 / n_sites:.2g} / "
+                        f"{100 * 79 / 384 / n_sites:.2g}; {100 * 143 / 384:.2g} | 1 | {-2 / n_sites:+.2f}; -2 .. +0 "
+                        "| 1 / 0 |")
+
+    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlartifacts", commit="abc")
+    rid = tracker.start_run("tiny", "tiny-dgh-w8a8", fresh=True)
+    n = log_quant_stats(tracker, rid, dgh) + log_thresholds(tracker, rid, tf)
+    tracker.finish(rid)
+    run = tracker.client.get_run(rid)
+    assert run.data.metrics["stats.q_eval_clip_max"] == pytest.approx(143 / 384)
+    assert run.data.metrics["stats.q_thr_log2_min"] == -2.0
+    hist = sorted(tracker.client.get_metric_history(rid, "stats.site.clip_eval"), key=lambda m: m.step)
+    assert [m.step for m in hist] == list(range(len(rows)))
+    assert [m.value for m in hist] == pytest.approx([float(r["clip_eval"]) for r in rows])
+    thr = sorted(tracker.client.get_metric_history(rid, "stats.site.thr_log2_vs_real"), key=lambda m: m.step)
+    assert [m.value for m in thr] == [s.log2_high for s in tf.sites]
+    assert n == len(dgh.summary) + 4 * len(rows) + len(tf.summary) + len(tf.sites)
+    assert {a.path for a in tracker.client.list_artifacts(rid, "stats")} == {"stats/quant_sites.json"}

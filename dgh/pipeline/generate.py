@@ -49,7 +49,7 @@ def run_generate(project: Project, set_id: str) -> Path:
         return out_dir
     loaded = project.load_model(g.model)
     if process_rank() != 0:  # another process of a multi-process run: its share only, rank 0 records
-        generate_to_dir(loaded, g.config, out_dir, device=params.device, progress=False, stats=False)
+        generate_to_dir(loaded, g.config, out_dir, device=params.device, progress=False)
         return out_dir
     tracker = project.tracker()
     tags = {TAG_KIND: "generation", "dgh.model": g.model, "dgh.calib": g.source, "dgh.stage": "generate",
@@ -59,7 +59,7 @@ def run_generate(project: Project, set_id: str) -> Path:
         logger = StepLogger(tracker, run_id, every=25)
         t0 = time.perf_counter()
         result = generate_to_dir(loaded, g.config, out_dir, device=params.device, progress=params.progress,
-                                 on_step=logger, stats=False)  # the stats stage adds the real reference
+                                 on_step=logger)
         logger.flush()
         seconds = time.perf_counter() - t0
         write_json({**record, "seconds": round(seconds, 2)}, project.layout.calib_file(set_id))

@@ -10,7 +10,6 @@ from dgh.generation.distributed import process_rank
 from dgh.io import write_json
 from dgh.layout import LOSSES_FILE
 from dgh.models import LoadedModel
-from dgh.runs.stats import stats_to_dir
 
 StepCallback = Callable[[int, Mapping[str, float]], None]
 
@@ -24,7 +23,6 @@ def generate_to_dir(
     progress: bool = True,
     resume: bool = False,
     on_step: StepCallback | None = None,
-    stats: bool = True,
 ) -> GenerationResult:
     """Run :func:`dgh.generation.generate_images` and write its outputs into ``out_dir``.
 
@@ -34,8 +32,9 @@ def generate_to_dir(
 
     Args:
         on_step: also called as ``on_step(iteration, metrics)`` after every iteration (e.g. MLflow logging).
-        stats: also write the set's statistics (``stats.json``, ``stats_layers.csv``, ``stats_output_ranges.csv``
-            and two figures; :func:`dgh.runs.stats.stats_to_dir`).
+
+    The set's statistics are separate (:func:`dgh.runs.stats.stats_to_dir`; ``dgh generate`` writes them next to
+    the images, the pipeline in the stage ``set_stats``), so that editing them never re-runs a generation.
 
     In a multi-process run (torchrun; :mod:`dgh.generation.distributed`) every process calls this; rank 0 writes
     the outputs and calls ``on_step``, the others return their (image-less) result.
@@ -57,7 +56,4 @@ def generate_to_dir(
     if not main:
         return result
     write_json(history, out / LOSSES_FILE)
-    if stats:
-        stats_to_dir(loaded, result.images_nchw, out, source=config.method.value, batch_size=config.batch_size,
-                     device=device)
     return result

@@ -13,6 +13,8 @@ from dgh.quantization import load_quantized
 from dgh.stats import CalibrationStats, ClipMode, QuantizedStats, calibration_set_stats, quantized_model_stats
 from dgh.stats.outputs import StatsFile, make_stats_file, write_stats
 from dgh.stats.plots import plot_clipping
+from dgh.stats.quant_outputs import QUANT_STATS_FILE as EXPERIMENT_STATS_FILE
+from dgh.stats.quant_outputs import QuantStatsFile, make_quant_stats_file
 
 QUANT_STATS_FILE = "quant_stats.json"
 CLIP_PLOT_FILE = "quant_clipping.png"
@@ -72,3 +74,41 @@ def quant_stats_to_dir(
     if plots:
         plot_clipping({Path(quantized).name or "quantized": qs}, out / CLIP_PLOT_FILE)
     return qs
+
+
+def experiment_stats_to_dir(
+    loaded: LoadedModel,
+    quantized: str | Path,
+    calib_images_nchw: torch.Tensor,
+    eval_images_nchw: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    experiment: str,
+    model: str,
+    calib_set: str,
+    calib_source: str,
+    setting: str,
+    batch_size: int = 32,
+    device: str | None = None,
+) -> QuantStatsFile:
+    """Per-site clipping of a quantized experiment (every quantizer on, as deployed) on its calibration images and
+    on evaluation images, written into ``out_dir`` as ``quant_stats.json``
+    (:class:`dgh.stats.quant_outputs.QuantStatsFile`) and ``quant_clipping.png`` (both on one chart). The quantized
+    model is loaded, never changed or saved.
+
+    Args:
+        calib_images_nchw, eval_images_nchw: float32 ``(N, 3, H, W)``, the model's normalized space.
+        experiment, model, calib_set, calib_source, setting: stored in the file (params.yaml ids).
+
+    Raises:
+        QuantizedFileError: the file does not fit the model. StatsError: bad images.
+    """
+    qmodel = load_quantized(loaded, quantized, device=device if device not in (None, "") else "auto")
+    calib = quantized_model_stats(qmodel, calib_images_nchw, source="calibration set", batch_size=batch_size)
+    ev = quantized_model_stats(qmodel, eval_images_nchw, source="evaluation images", batch_size=batch_size)
+    doc = make_quant_stats_file(experiment, model, calib_set, calib_source, setting, calib, ev)
+    out = Path(out_dir)
+    write_text(doc.model_dump_json(indent=1) + "\n", out / EXPERIMENT_STATS_FILE)
+    plot_clipping({"calibration set": calib, "evaluation images": ev}, out / CLIP_PLOT_FILE,
+                  title=f"{experiment}: clipping rate per activation quantizer")
+    return doc

@@ -5,6 +5,8 @@ atomically).
 - :func:`plot_output_ranges`: per-image output-range histograms of several sources (synthetic against real), one
   panel per model output (per head level for detectors).
 - :func:`plot_clipping`: per-site clipping rate of quantized models on the same data.
+- :func:`plot_setting`: the experiments of one model and quantization setting: per-site clipping rate on the
+  evaluation images and the per-site range against the real-calibrated experiment's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from matplotlib.figure import Figure
 
 from dgh.io import write_bytes
 from dgh.stats.calibration import CalibrationStats, StatsError
-from dgh.stats.quantized import QuantizedStats
+from dgh.stats.quantized import QuantizedStats, SiteThresholds
 
 # one colour per usual source, so that the same source looks the same on every chart
 SOURCE_COLOURS = {"real": "#2ca02c", "dgh": "#1f77b4", "batch-bns": "#ff7f0e", "image-bns": "#9467bd", "noise": "#7f7f7f"}
@@ -151,4 +153,52 @@ def plot_clipping(runs: Mapping[str, QuantizedStats], path: str | Path, title: s
     ax.set_title(title or "clipping rate per activation quantizer")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def _short_site(name: str) -> str:
+    return name.removeprefix("model.").replace(".output_quantizer", "").replace("act_quantizers.", "")
+
+
+def plot_setting(clipping: Mapping[str, QuantizedStats], thresholds: Mapping[str, list[SiteThresholds]],
+                 path: str | Path, title: str | None = None) -> Path:
+    """Two panels over the quantized sites of one model and setting, one line per calibration source: the clipping
+    rate on the evaluation images (log scale, floor 1e-6), and ``log2`` of each site's upper range end over the
+    real-calibrated experiment's (0 = the same threshold, -1 = half).
+
+    Args:
+        clipping: ``{label: evaluation QuantizedStats}``; the first entry fixes the site order.
+        thresholds: ``{label: compare_thresholds(...)}`` (labels without an entry draw no threshold line).
+
+    Raises:
+        StatsError: no entry.
+    """
+    items = list(clipping.items())
+    if not items:
+        raise StatsError("plot_setting needs at least one experiment")
+    names = [s.name for s in items[0][1].sites if s.quantized]
+    x = np.arange(len(names))
+    fig = _figure(max(8.0, 0.16 * len(names) + 3), 7.5)
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    for i, (label, qs) in enumerate(items):
+        c = _colour(label, i)
+        by_name = {s.name: s for s in qs.sites}
+        y = [max(by_name[n].clip, 1e-6) if n in by_name else np.nan for n in names]
+        ax.plot(x, y, "o-", ms=3, lw=1.2, color=c, label=label)
+        if label in thresholds:
+            t = {s.name: s.log2_high for s in thresholds[label]}
+            y2 = [t[n] if t.get(n) is not None else np.nan for n in names]
+            ax2.plot(x, y2, "o-", ms=3, lw=1.2, color=c, label=label)
+    ax.set_yscale("log")
+    ax.set_ylabel("clipping rate on evaluation images\n(fraction of values; floor 1e-6)")
+    ax2.axhline(0.0, color="k", lw=0.8)
+    ax2.set_ylabel("log2(range end / real-calibrated)")
+    ax.set_title(title or "clipping and range per activation quantizer")
+    for a in (ax, ax2):
+        a.grid(True, alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels([_short_site(n) for n in names], rotation=90, fontsize=6)
+    ax2.set_xlabel("activation quantizer (model order)")
     return _save(fig, path)

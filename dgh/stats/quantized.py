@@ -31,6 +31,10 @@ from dgh.quantization.quantizers import FakeQuantizer
 from dgh.stats.calibration import StatsError, check_images
 
 
+CLIPPING_SITE_MIN = 1e-4
+"""A site counts as clipping when more than this fraction of its values fall outside its range."""
+
+
 class ClipMode(str, Enum):
     """Which values the quantizers are checked against (see the module docstring)."""
 
@@ -92,18 +96,18 @@ class QuantizedStats(BaseModel):
     n_images: int
     sites: list[SiteClipStats]
 
-    def summary(self) -> dict[str, float]:
-        """``stats.q_clip_low`` / ``stats.q_clip_high``: mean clipping rate over the quantized sites (each site
-        weighs the same); ``stats.q_clip_max``: the largest per-site rate (low + high); ``stats.q_sites_clipping``:
-        sites with a clipping rate above 1e-4."""
+    def summary(self, prefix: str = "stats.q_") -> dict[str, float]:
+        """``<prefix>clip_low`` / ``<prefix>clip_high``: mean clipping rate over the quantized sites (each site
+        weighs the same); ``<prefix>clip_max``: the largest per-site rate (low + high); ``<prefix>sites_clipping``:
+        sites with a clipping rate above :data:`CLIPPING_SITE_MIN` (default prefix ``stats.q_``)."""
         q = [s for s in self.sites if s.quantized]
         if not q:
             return {}
         return {
-            "stats.q_clip_low": sum(s.clip_low for s in q) / len(q),
-            "stats.q_clip_high": sum(s.clip_high for s in q) / len(q),
-            "stats.q_clip_max": max(s.clip for s in q),
-            "stats.q_sites_clipping": float(sum(1 for s in q if s.clip > 1e-4)),
+            f"{prefix}clip_low": sum(s.clip_low for s in q) / len(q),
+            f"{prefix}clip_high": sum(s.clip_high for s in q) / len(q),
+            f"{prefix}clip_max": max(s.clip for s in q),
+            f"{prefix}sites_clipping": float(sum(1 for s in q if s.clip > CLIPPING_SITE_MIN)),
         }
 
 
@@ -180,8 +184,9 @@ def quantized_model_stats(
             x = args[0]
             with torch._C.DisableTorchFunction():
                 c.n += x.numel()
-                c.min = min(c.min, float(x.min()))
-                c.max = max(c.max, float(x.max()))
+                lo, hi = torch.aminmax(x.detach())
+                c.min = min(c.min, float(lo))
+                c.max = max(c.max, float(hi))
             if q.initialized and not q.bypass:
                 lo, hi = clip_counts(q, x)
                 c.low += lo
@@ -237,3 +242,68 @@ def quantized_model_stats(
             )
         )
     return QuantizedStats(source=source, mode=mode, n_images=int(images_nchw.shape[0]), sites=sites)
+
+
+class SiteThresholds(BaseModel):
+    """The range of one activation quantizer next to the range the real-calibrated model chose for the same site.
+
+    Attributes:
+        name: the quantizer's module name (the same in both models: same model, same quantization setting).
+        q_low, q_high: this model's representable range (:func:`quantizer_range`, smallest / largest over channels).
+        ref_q_low, ref_q_high: the reference (real-calibrated) model's.
+        log2_high: ``log2(q_high / ref_q_high)`` when both are positive, else ``None``: -1 means half the real
+            range's upper end, +1 twice it; power-of-two thresholds give whole numbers.
+        log2_low: ``log2(q_low / ref_q_low)`` when both are negative (a signed site), else ``None``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    q_low: float
+    q_high: float
+    ref_q_low: float
+    ref_q_high: float
+    log2_high: float | None
+    log2_low: float | None
+
+
+def _log2_ratio(a: float, b: float) -> float | None:
+    if a > 0 and b > 0 or a < 0 and b < 0:
+        return math.log2(a / b)
+    return None
+
+
+def compare_thresholds(stats: QuantizedStats, reference: QuantizedStats) -> list[SiteThresholds]:
+    """Per site, this model's range against the reference model's (:class:`SiteThresholds`), in the order of
+    ``stats.sites``; sites that are not quantized (or not calibrated) in either model are left out.
+
+    Raises:
+        StatsError: the two share no quantized site (different models or settings).
+    """
+    ref = {s.name: s for s in reference.sites if s.quantized and s.q_high is not None}
+    out = []
+    for s in stats.sites:
+        r = ref.get(s.name)
+        if r is None or not s.quantized or s.q_high is None or s.q_low is None:
+            continue
+        out.append(SiteThresholds(name=s.name, q_low=s.q_low, q_high=s.q_high, ref_q_low=r.q_low, ref_q_high=r.q_high,
+                                  log2_high=_log2_ratio(s.q_high, r.q_high), log2_low=_log2_ratio(s.q_low, r.q_low)))
+    if not out:
+        raise StatsError("the quantized model and its reference share no quantized activation site")
+    return out
+
+
+def threshold_summary(sites: list[SiteThresholds]) -> dict[str, float]:
+    """Scalars of :func:`compare_thresholds`: ``stats.q_thr_log2_mean`` / ``_min`` / ``_max`` of ``log2_high``
+    over the sites that have it, ``stats.q_sites_narrower`` / ``stats.q_sites_wider``: sites whose upper end lies
+    below / above the real-calibrated one (``|log2_high| > 1e-6``)."""
+    v = [s.log2_high for s in sites if s.log2_high is not None]
+    if not v:
+        return {}
+    return {
+        "stats.q_thr_log2_mean": sum(v) / len(v),
+        "stats.q_thr_log2_min": min(v),
+        "stats.q_thr_log2_max": max(v),
+        "stats.q_sites_narrower": float(sum(1 for x in v if x < -1e-6)),
+        "stats.q_sites_wider": float(sum(1 for x in v if x > 1e-6)),
+    }
