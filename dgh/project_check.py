@@ -54,6 +54,9 @@ def check_project(params: Params) -> list[str]:
         spec = attempt(f"models.{key}", lambda m=m, key=key: get_spec(m.name or key, m.imgsz))
         if spec is not None:
             specs[key] = spec
+    with_sets = {g.model for g in params.generate.values()}
+    problems += [f"models.{key}: no calibration set in `generate` (stage stats@{key} needs one)"
+                 for key in params.models if key not in with_sets]
     for gid, g in params.generate.items():
         folder = _resolved(params, g.data)
         if folder is not None and not (list_images(folder) or is_image_folder(folder)

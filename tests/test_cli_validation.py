@@ -102,6 +102,8 @@ def _first_experiment(data: dict) -> dict:
     (lambda d: d.update(device="gpu0"), "device: unknown device 'gpu0'"),
     (lambda d: d["imagenet"]["eval"]["resnet20_cifar10"].update(class_layout="numbered"),
      "imagenet.eval.resnet20_cifar10.data: class folder 'airplane' is not a class index"),
+    (lambda d: d["models"].update(resnet20_cifar100={"name": "resnet20_cifar10", "weights": "x.th"}),
+     "models.resnet20_cifar100: no calibration set in `generate` (stage stats@resnet20_cifar100 needs one)"),
 ])
 def test_check_rejects_what_a_stage_would_reject(assets: Path, tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
     code, out = run(["check", "--params", str(_params(tmp_path, edit))])

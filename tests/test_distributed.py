@@ -356,3 +356,10 @@ def test_dvc_stage_and_cli_turn_processes_into_a_torchrun_launch(tmp_path, monke
 def test_sequential_schedule_with_several_processes_is_refused_by_the_config():
     with pytest.raises(GenerationConfigError, match="schedule=sequential cannot run in 2 processes"):
         _cfg(processes=2, schedule="sequential")
+
+
+def test_more_processes_than_batches_is_refused_by_the_config():
+    """10 images in batches of 4 are 3 batches: 3 processes fit, 4 leave one without a batch."""
+    _cfg(processes=3)
+    with pytest.raises(GenerationConfigError, match="processes=4 but only 3 batch"):
+        _cfg(processes=4)
