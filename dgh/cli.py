@@ -188,7 +188,7 @@ def generate_cmd(
     iterations: Optional[int] = typer.Option(None, "--iterations", "--iters", min=0, help="Iterations; one = one pass over all batches. Default 1000 (paper)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per optimization batch n (memory knob). Default 128."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of initialization, batch order and augmentation. Default 0."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="RAdam learning rate, normalized-pixel units. Default 16 (paper)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="RAdam learning rate relative to the model's pixel range (lr_units, default pixel-range): 16 is the paper's step for ImageNet-normalized models (YOLO gets 3.6). Default 16."),
     lambda_sigma: Optional[float] = typer.Option(None, "--lambda-sigma", help="Weight of the BN std term in L_BN. Default 10 (paper; MCT 1)."),
     output_loss: Optional[str] = typer.Option(None, "--output-loss", help="Output distribution stretching loss: paper (-range + last-BN hinges), mct (-range), none."),
     output_loss_weight: Optional[float] = typer.Option(None, "--output-loss-weight", help="lambda_out. Default: the model registry's value (e.g. 1e-5)."),
@@ -222,7 +222,7 @@ def generate_cmd(
     _check_device(device)
     spec = get_spec(model, imgsz)
     check_output_dir(out, need_bytes=_generation_bytes(config, spec))
-    if config.processes > 1 and world_size_from_env() == 1:  # issue 14: the same command under torchrun
+    if config.processes > 1 and world_size_from_env() == 1:  # relaunch the same command under torchrun
         raise typer.Exit(launch(config.processes, "dgh.cli", sys.argv[1:]))
     main = process_rank() == 0  # under torchrun rank 0 holds the lock and writes
     with output_lock(out) if main else contextlib.nullcontext():

@@ -143,7 +143,7 @@ class GenerateEntry(_Strict):
     def to_json_dict(self) -> dict[str, Any]:
         """The set as ``params.yaml`` would spell it (inline config fields; ``real``: only n_images and seed)."""
         cfg = self.config.model_dump(mode="json")
-        for k in LAUNCH_KNOBS:  # issue 14's fields, left out at their defaults (records as before them)
+        for k in LAUNCH_KNOBS:  # launch-only fields, omitted at their defaults so that calib.json records stay unchanged
             if cfg.get(k) == GenerationConfig.model_fields[k].default:
                 cfg.pop(k, None)
         if not self.is_generated:

@@ -10,7 +10,8 @@ Why the two runtimes do not agree bit for bit (measured on ResNet-20, YOLOv5n an
 are per-channel and not powers of two and the bias is a float, so a convolution's sum is rounded in float32 in an
 order that depends on the kernel (oneDNN/ATen in PyTorch, MLAS in onnxruntime; the sigmoid of SiLU is another kernel
 too). A value within a float rounding error (about 1e-7 relative) of a rounding boundary ``(k + 1/2) s`` can then
-land on either neighbour: one step, on about 1e-6 of the elements. Example (ResNet-20, ``layer1.0.conv2``): exact
+land on either neighbour: one step, on at most 2.7e-5 of a tensor's elements (docs/export.md).
+Example (ResNet-20, ``layer1.0.conv2``): exact
 sum 24.49999957 steps, PyTorch 24.5 (rounds to 24), onnxruntime 24.5000038 (rounds to 25).
 
 Those one-step flips propagate: a changed input moves every accumulator that reads it by ``w * s_in``, which can be
@@ -47,7 +48,7 @@ from dgh.quantization.capture import QuantizedModel, iter_quantizers
 from dgh.quantization.quantizers import FakeQuantizer
 
 MAX_STEPS = 1.0
-MAX_LOCAL_FRACTION = 1e-3  # near-tie flips measured at <= 1e-5 of a tensor's elements (module docstring)
+MAX_LOCAL_FRACTION = 1e-3  # near-tie flips measured at <= 2.7e-5 of a tensor's elements (docs/export.md)
 MAX_LOCAL_EXTRA = 2  # plus this many elements, so that one flip in a tiny tensor (8 x 10 logits) is no error
 
 

@@ -710,7 +710,7 @@ def generate_images(
         DistributedError: several processes: a process failed, died or did not answer within
             ``config.process_timeout_s`` (one line naming the rank), or they loaded different weights.
 
-    Several processes (issue 14; :mod:`dgh.generation.distributed`): under ``torchrun`` (``WORLD_SIZE`` > 1) every
+    Several processes (:mod:`dgh.generation.distributed`): under ``torchrun`` (``WORLD_SIZE`` > 1) every
     process calls this with the same arguments; rank r optimizes batches r, r+K, ... with ``schedule=synchronous``
     and the exact global moments, exchanged once per iteration. Rank 0 returns the images and writes ``out_dir``;
     the other ranks return ``images_nchw`` of shape ``(0, 3, H, W)``. ``callback`` runs on every rank with the same
