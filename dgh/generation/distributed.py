@@ -9,8 +9,8 @@ Small, pure helpers used by :func:`dgh.generation.engine.generate_images` when i
   rank, so K processes and one process draw the same numbers (with ``schedule=synchronous``).
 - :func:`pack_row` / :func:`unpack_row` and :func:`exchange_rows`: once per iteration every rank contributes one row
   per owned batch (its refreshed moments ``m_{l,b}``, ``s_{l,b}`` of every BN layer and the input, float32, plus the
-  batch's loss terms and lr as float64 bit patterns) and one ``all_gather`` gives every rank the whole ``(B, P)``
-  table, so the moment cache is bit-identical on every rank. A gather copies bits (no floating-point reduction), so
+  batch's loss terms and lr as float64 bit patterns) and one ``all_gather`` gives every rank the whole
+  ``(B, row_width(channels))`` float32 table, so the moment cache is bit-identical on every rank. A gather copies bits (no floating-point reduction), so
   the global moments do not depend on K.
 - :func:`gather_to_main`: per-batch objects (canvases, optimizer states) to rank 0 for a checkpoint or the result.
 - :class:`World` / :func:`open_world`: the process group. gloo on CPU, NCCL on CUDA, plus a gloo group for Python
@@ -131,8 +131,12 @@ def pack_row(means: Sequence[torch.Tensor], seconds: Sequence[torch.Tensor], ter
     """One batch's row: ``cat(means) ++ cat(seconds) ++ terms`` as float32 ``(row_width,)``, on the moments' device.
 
     Args:
-        means, seconds: per layer ``(C_l,)`` float32 moments (input pseudo-layer last).
+        means, seconds: per layer ``(C_l,)`` float32 moments, all on one device (the input pseudo-layer last, as
+            in the engine's moment cache; the statistics files list it first).
         terms: ``N_TERMS`` python floats (loss, bn, out, lr), kept bit-exact as float64.
+
+    Raises:
+        ValueError: not ``N_TERMS`` terms.
     """
     dev = means[0].device
     t64 = torch.tensor(list(terms), dtype=torch.float64, device=dev)
@@ -143,7 +147,15 @@ def pack_row(means: Sequence[torch.Tensor], seconds: Sequence[torch.Tensor], ter
 
 
 def unpack_row(row: torch.Tensor, channels: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """Inverse of :func:`pack_row`: ``(means, seconds, terms)``."""
+    """Inverse of :func:`pack_row`.
+
+    Args:
+        row: float32 ``(row_width(channels),)``.
+        channels: ``C_l`` per layer, in cache order.
+
+    Returns:
+        ``(means, seconds, terms)``: per layer ``(C_l,)`` views into ``row``, and ``N_TERMS`` python floats.
+    """
     out, at = [], 0
     for _ in range(2):
         group = []
