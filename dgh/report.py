@@ -405,7 +405,8 @@ def _real_images(folder: Path, k: int, size: tuple[int, int]):
 
 
 def plot_images(params: Params, root: Path, k: int) -> bytes | None:
-    """PNG bytes: per model, one row per generated calibration set (first ``k`` images) and one of real images."""
+    """PNG bytes: per model, one row per calibration set of the main table (first ``k`` images; ablation sets are
+    left out), labelled with the set's id."""
     layout = StageLayout(root)
     rows: list[tuple[str, Any]] = []
     for model_key, entry in params.models.items():
@@ -415,20 +416,20 @@ def plot_images(params: Params, root: Path, k: int) -> bytes | None:
             continue
         size = (entry.imgsz, entry.imgsz) if entry.imgsz else tuple(spec.input_size)
         for sid, g in params.generate.items():
-            if g.model != model_key:
+            if g.model != model_key or g.ablation:
                 continue
             if g.is_generated:
                 path = layout.images_file(sid)
                 if not path.is_file():
                     continue
                 imgs = load_images(path)
-                rows.append((f"{model_key}\n{g.source}", spec.denormalize(imgs[:k]).clamp(0, 1)))
+                rows.append((sid, spec.denormalize(imgs[:k]).clamp(0, 1)))
             elif g.method == REAL:
                 folder = params.resolve(g.data) if g.data else None
                 if folder is not None and folder.is_dir():
                     real = _real_images(folder, k, size)
                     if real is not None:
-                        rows.append((f"{model_key}\nreal", real))
+                        rows.append((sid, real))
     if not rows:
         return None
     ncols = max(r[1].shape[0] for r in rows)
@@ -439,10 +440,10 @@ def plot_images(params: Params, root: Path, k: int) -> bytes | None:
             ax.axis("off")
             if j < imgs.shape[0]:
                 ax.imshow(imgs[j].permute(1, 2, 0).numpy())
-        axes[i][0].set_title(label, fontsize=7, loc="left")
+        axes[i][0].set_title(label, fontsize=9, loc="left")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=64)
     plt.close(fig)
     return buf.getvalue()
 
