@@ -42,7 +42,7 @@ from dgh.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, Backend, export_to_d
 from dgh.generation import GenerationConfig, Method
 from dgh.generation.distributed import launch, process_rank, world_size_from_env
 from dgh.models import get_spec, list_models, load_model
-from dgh.params import ParamsError, check_paths, load_params
+from dgh.params import Params, ParamsError, check_paths, load_params
 from dgh.pipeline.common import Project, open_project
 from dgh.pipeline.evaluate import run_evaluate, run_evaluate_float
 from dgh.pipeline.export import run_export
@@ -76,9 +76,10 @@ EXIT_BAD_INPUT = 2
 @app.callback()
 def _global_options(
     threads: int = typer.Option(
-        1, "--threads", min=0,
-        help="CPU intra-op threads (0 = auto: cores not busy). 1 by default: on a shared 2-core machine 2 threads "
-        "ran 7.9x slower. Stages run with `dgh stage` / DVC use params.yaml `threads` instead.",
+        Params.model_fields["threads"].default, "--threads", min=0,
+        help="CPU intra-op threads; 0 = auto: one per core not busy right now (on a shared 2-core machine 2 threads "
+        "ran 7.9x slower than 1, on idle cores 1.4-1.7x faster). Stages run with `dgh stage` / DVC use params.yaml "
+        "`threads` instead.",
     ),
 ) -> None:
     """Options for every command (before the command name: ``dgh --threads 2 generate ...``)."""
@@ -199,7 +200,7 @@ def generate_cmd(
     random_crop: Optional[bool] = typer.Option(None, "--random-crop/--no-random-crop", help="Random HxW crop of the canvas. Default on for dgh."),
     clamp: Optional[bool] = typer.Option(None, "--clamp/--no-clamp", help="Clamp to the valid pixel range (straight-through). Default on for dgh."),
     augment_draw: Optional[str] = typer.Option(None, "--augment-draw", help="Flip/crop draws: batch (paper) or image."),
-    speed: Optional[str] = typer.Option(None, "--speed", help="exact (fp32, paper numerics) or fast (bf16 autocast on CPUs with native bf16 + channels-last; same algorithm). Skipping the per-step refresh forward is the separate lazy_refresh setting (--set lazy_refresh=true)."),
+    speed: Optional[str] = typer.Option(None, "--speed", help="exact (fp32, paper numerics), fast (bf16 autocast on CPUs with native bf16 + channels-last; same algorithm) or auto (fast on CUDA and bf16 CPUs, else exact). Skipping the per-step refresh forward is the separate lazy_refresh setting (--set lazy_refresh=true)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="auto (fp16 on CUDA, fp32 on CPU), on, off."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if one exists."),
     processes: Optional[int] = typer.Option(None, "--processes", min=1, help="Processes K (torchrun; one GPU each on CUDA): each optimizes B/K batches against the exact global statistics. Several processes imply --set schedule=synchronous. Default 1."),

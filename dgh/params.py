@@ -252,7 +252,7 @@ class Params(_Strict):
 
     assets: str = DEFAULT_ASSETS
     device: str = "auto"
-    threads: int = Field(1, ge=0)
+    threads: int = Field(0, ge=0)  # 0 = auto (dgh.threads.auto_threads: the cores not busy right now)
     progress: bool = True
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     generate: dict[str, GenerateEntry] = Field(default_factory=dict)

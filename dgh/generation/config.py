@@ -165,10 +165,16 @@ class Speed(str, Enum):
     """``exact``: the algorithm of method.md as written, fp32 on CPU, contiguous tensors. ``fast``: the same
     algorithm with channels-last memory format and, with ``amp=auto``, bf16 autocast of the model forward on CPUs
     with native bf16 (AVX512-BF16/AMX); BN statistics (fp32 accumulation), losses, images and optimizer stay fp32.
-    Speed and dataset-level BN distance of both: benchmarks/generation.py. See also ``lazy_refresh``."""
+    Speed and dataset-level BN distance of both: benchmarks/generation.py. See also ``lazy_refresh``.
+
+    ``auto``: ``fast`` where it wins, i.e. on CUDA and on CPUs with native bf16, else ``exact``. Without bf16 (e.g. an
+    AVX2-only CPU) ``fast`` is only channels-last fp32, which measured slower than ``exact``: EfficientNet-Lite0,
+    32 images x 12 iterations, 155 s against 133 s (benchmarks/fast_mode_accuracy.py). The run records the
+    resolved value in its settings (``speed``) and the requested one (``speed_setting``)."""
 
     EXACT = "exact"
     FAST = "fast"
+    AUTO = "auto"
 
 
 class Amp(str, Enum):

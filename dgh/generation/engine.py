@@ -84,6 +84,14 @@ def _cpu_bf16_supported() -> bool:
         return False
 
 
+def resolve_speed(speed: Speed, device: torch.device) -> Speed:
+    """``speed`` with ``auto`` resolved (:class:`Speed`): ``fast`` on CUDA and on CPUs with native bf16, else
+    ``exact``."""
+    if speed is not Speed.AUTO:
+        return speed
+    return Speed.FAST if device.type == "cuda" or _cpu_bf16_supported() else Speed.EXACT
+
+
 class GenerationError(ValueError):
     """A run cannot continue (diverged loss, unusable checkpoint). The message is one line."""
 
@@ -234,6 +242,8 @@ class _Run:
         self.device = device
         self.world = world if world is not None else World()
         self.settings = _resolved_config_dict(config, self.spec, self.world.size)
+        self.speed = resolve_speed(config.speed, device)
+        self.settings["speed"], self.settings["speed_setting"] = self.speed.value, config.speed.value
         self.synchronous = self.settings["schedule"] == Schedule.SYNCHRONOUS.value
         self.layers = find_bn_layers(self.model)
         self.recorder = MomentRecorder(self.layers)
@@ -255,7 +265,7 @@ class _Run:
             per_image=config.augment_draw.value == "image",
             sigma=config.smoothing_sigma,
         )
-        self.fast = config.speed is Speed.FAST
+        self.fast = self.speed is Speed.FAST
         if config.amp is Amp.AUTO:
             self.use_amp = device.type == "cuda" or (self.fast and _cpu_bf16_supported())
         else:
@@ -625,6 +635,7 @@ class _Run:
         mine = {k: v for k, v in self.settings.items() if k not in _RESUME_FREE}
         theirs = {k: v for k, v in ckpt["settings"].items() if k not in _RESUME_FREE}
         theirs.setdefault("schedule", Schedule.SEQUENTIAL.value)  # checkpoints from before the field existed
+        theirs.setdefault("speed_setting", theirs.get("speed"))
         if ckpt.get("model") != self.spec.name or mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             what = ", ".join(diff) if diff else f"model {ckpt.get('model')!r}"
@@ -750,6 +761,7 @@ def _generate(loaded: LoadedModel, config: GenerationConfig, out_dir: str | Path
     else:
         model.eval().to(dev)
         grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        channels_last = False
         for p, _ in grad_flags:  # the images are the only parameters (method.md, notation)
             p.requires_grad_(False)
         try:
@@ -757,6 +769,7 @@ def _generate(loaded: LoadedModel, config: GenerationConfig, out_dir: str | Path
             check_same_model(world, model)
             if run.fast:
                 model.to(memory_format=torch.channels_last)
+                channels_last = True
             run.check_input_and_find_last_bns()
             state = None
             if resume and ckpt_path is not None and ckpt_path.is_file():
@@ -829,7 +842,7 @@ def _generate(loaded: LoadedModel, config: GenerationConfig, out_dir: str | Path
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
             model.to(home)
-            if config.speed is Speed.FAST:
+            if channels_last:
                 model.to(memory_format=torch.contiguous_format)
     if config.method is Method.NOISE:
         try:
