@@ -6,6 +6,11 @@ to MLflow."""
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.evaluate")
+
 from pathlib import Path
 
 from dgh.export import EXPORT_STAGE, ONNX_FILE, Backend

@@ -6,6 +6,11 @@ size and the agreement as metrics. With ``export.enabled: false`` in ``params.ya
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.export")
+
 from pathlib import Path
 
 from dgh.export import EXPORT_RECORD_FILE, EXPORT_STAGE, ONNX_FILE, export_to_dir

@@ -17,6 +17,11 @@ and a foreach stage cannot look up ``models.<item.model>.weights`` in ``dvc.yaml
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.inputs")
+
 import hashlib
 import json
 from pathlib import Path

@@ -13,6 +13,11 @@ the thresholds with the real-calibrated experiment's is in the per-model stage `
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.quant_stats")
+
 from pathlib import Path
 
 from dgh.data import load_calibration_set

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.quantize")
+
 import json
 from pathlib import Path
 

@@ -13,6 +13,11 @@ generation. The set's MLflow run ``generate/<set-id>`` (resumed; real and noise 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.set_stats")
+
 from pathlib import Path
 
 from dgh.io import write_text

@@ -20,6 +20,11 @@ metric ``stats.site.thr_log2_vs_real`` and its setting's figure.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run in the warm stage process when there is one (dgh.pipeline.forkserver)
+    from dgh.pipeline.forkserver import run_in_server
+
+    run_in_server("dgh.pipeline.stats")
+
 import re
 from pathlib import Path
 

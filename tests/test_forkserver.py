@@ -1,0 +1,94 @@
+"""The warm stage process (:mod:`dgh.pipeline.forkserver`): a stage forked from it gets the caller's arguments,
+directory, environment, stdio and exit status; one server serves one fingerprint; switched off, nothing changes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dgh.pipeline import forkserver
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = """
+import os, sys
+print("argv", sys.argv[1:])
+print("cwd", os.getcwd())
+print("marker", os.environ.get("FS_MARKER"))
+print("pgid", os.getpgid(0))
+print("to stderr", file=sys.stderr)
+if "boom" in sys.argv:
+    raise RuntimeError("stage failed")
+sys.exit(int(os.environ.get("FS_EXIT", "0")))
+"""
+CLIENT = textwrap.dedent("""
+    import sys
+    from dgh.pipeline.forkserver import run_in_server
+    run_in_server("fs_stage_mod", sys.argv[1:])
+    print("ran in the client")
+""")
+
+pytestmark = pytest.mark.skipif(not forkserver.enabled() or sys.platform != "linux", reason="Linux fork server")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "fs_stage_mod.py").write_text(STAGE)
+    run_dir = tmp_path / "rt"
+    run_dir.mkdir()
+    e = {k: v for k, v in os.environ.items() if not k.startswith("DGH_FORKSERVER")}
+    e.update(PYTHONPATH=f"{mods}{os.pathsep}{REPO}", XDG_RUNTIME_DIR=str(run_dir), FS_MARKER="m1",
+             DGH_FORKSERVER_PRELOAD="json", DGH_FORKSERVER_IDLE_S="20")
+    return e
+
+
+def _client(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLIENT, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _field(out: str, name: str) -> str:
+    return next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith(name + " "))
+
+
+def test_stage_runs_in_the_server_with_the_callers_context(env: dict[str, str], tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    first = _client(dict(env, FS_EXIT="3"), work, "a", "b c")
+    assert first.returncode == 3, first.stderr
+    assert _field(first.stdout, "argv") == "['a', 'b c']"
+    assert Path(_field(first.stdout, "cwd")) == work.resolve()
+    assert _field(first.stdout, "marker") == "m1"
+    assert "to stderr" in first.stderr and "ran in the client" not in first.stdout
+    server = int(_field(first.stdout, "pgid"))
+    assert server != os.getpgid(0)  # a separate session: the server's
+    # FS_EXIT changes the environment, hence the fingerprint: run the same environment twice to see reuse
+    again = _client(dict(env, FS_EXIT="3"), work, "x")
+    assert again.returncode == 3 and int(_field(again.stdout, "pgid")) == server
+    other = _client(dict(env, FS_MARKER="m2"), work)
+    assert other.returncode == 0 and _field(other.stdout, "marker") == "m2"
+    assert int(_field(other.stdout, "pgid")) != server  # another environment, another server
+
+
+def test_a_failing_stage_reports_its_traceback_and_status_1(env: dict[str, str], tmp_path: Path) -> None:
+    res = _client(env, tmp_path, "boom")
+    assert res.returncode == 1
+    assert "RuntimeError: stage failed" in res.stderr
+
+
+def test_switched_off_the_caller_runs_the_stage_itself(env: dict[str, str], tmp_path: Path) -> None:
+    res = _client(dict(env, DGH_FORKSERVER="0"), tmp_path)
+    assert res.returncode == 0 and "ran in the client" in res.stdout
+    assert not list((tmp_path / "rt").rglob("*.sock"))
+
+
+def test_fingerprint_follows_the_environment_but_not_volatile_variables() -> None:
+    base = {"A": "1", "PWD": "/x", "DVC_ROOT": "/r"}
+    assert forkserver.fingerprint(base) == forkserver.fingerprint(dict(base, PWD="/y", DVC_ROOT="/s", SHLVL="3"))
+    assert forkserver.fingerprint(base) != forkserver.fingerprint(dict(base, A="2"))
