@@ -92,3 +92,20 @@ def test_fingerprint_follows_the_environment_but_not_volatile_variables() -> Non
     base = {"A": "1", "PWD": "/x", "DVC_ROOT": "/r"}
     assert forkserver.fingerprint(base) == forkserver.fingerprint(dict(base, PWD="/y", DVC_ROOT="/s", SHLVL="3"))
     assert forkserver.fingerprint(base) != forkserver.fingerprint(dict(base, A="2"))
+
+
+def test_stages_do_not_share_the_servers_generator_states(env: dict[str, str], tmp_path: Path) -> None:
+    """Fresh interpreters seed torch, numpy and random from the OS; forked stages must not all inherit the
+    server's states (they would draw the same numbers)."""
+    mods = Path(env["PYTHONPATH"].split(os.pathsep)[0])
+    (mods / "fs_draw_mod.py").write_text(
+        "import random, numpy, torch\nprint('draw', float(torch.rand(1)), numpy.random.rand(), random.random())\n")
+    client = CLIENT.replace("fs_stage_mod", "fs_draw_mod")
+    run_env = dict(env, DGH_FORKSERVER_PRELOAD="torch,numpy")
+    draws = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", client], env=run_env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        draws.append(_field(res.stdout, "draw").split())
+    assert all(a != b for a, b in zip(*draws)), draws

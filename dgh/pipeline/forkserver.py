@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import runpy
 import select
 import signal
@@ -244,6 +245,12 @@ def _run_stage(req: dict, fds: list[int]) -> None:
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     sys.argv = [req["module"], *req["argv"]]
+    # fresh seeds as in a new interpreter (torch, numpy and random seed themselves from the OS at start): without
+    # this every stage would inherit the server's generator states and draw the same "random" numbers
+    random.seed()
+    for name, reseed in (("torch", lambda m: m.seed()), ("numpy", lambda m: m.random.seed())):
+        if name in sys.modules:
+            reseed(sys.modules[name])
     # the module was imported by the preload: running it again as __main__ is what `python -m` does too
     warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
     code = 0
@@ -337,6 +344,8 @@ def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S
                 conn, _ = server.accept()
             except socket.timeout:
                 break
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()  # nothing of the server's output may reach a stage's stdio
             if os.fork() == 0:
                 server.close()
                 _handle(conn)
