@@ -1,6 +1,7 @@
-"""Benchmark BRECQ block reconstruction on CIFAR ResNet-20: seconds per 1,000 iterations per unit, peak memory.
+"""Benchmark BRECQ block reconstruction (default CIFAR ResNet-20): seconds per 1,000 iterations per unit, peak memory.
 
-For every reconstruction unit (stem conv, 9 BasicBlocks, final linear) at batch 32 (the paper code's):
+For every reconstruction unit (ResNet-20: stem conv, 9 BasicBlocks, final linear; efficientnet_lite0: stem, the
+first block's two convs, 16 InvertedResiduals, head conv, classifier) at batch 32 (the paper code's):
 
 - ``s/1k rec``: seconds per 1,000 rounding-optimization steps (soft-rounded weights, activations quantized with
   learnable step sizes, forward + backward + two Adam steps), timed over ``--iters`` steps and scaled;
@@ -9,9 +10,13 @@ For every reconstruction unit (stem conv, 9 BasicBlocks, final linear) at batch 
 - ``ratio``: rec / float;
 - ``cache MiB``: the unit's cached calibration inputs + float targets (``--n-images`` images): the part of peak
   memory that reconstruction adds, bounded by one unit;
+- ``cache s``: seconds to cache the unit's quantized inputs by running the network from its input (what
+  ``chain_cache`` avoids for units fed straight by the previous one);
 - peak memory: process peak RSS on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on CUDA.
 
-Usage: ``python benchmarks/reconstruct.py [--weights resnet20.th] [--iters 50] [--n-images 256] [--device cpu]``.
+Usage: ``python benchmarks/reconstruct.py [--model resnet20_cifar10] [--weights W] [--iters 50] [--n-images 256]
+[--device cpu]``. Measured (efficientnet_lite0, 128 images, 1 thread, 2 shared cores): see
+``docs/brecq_efficientnet_lite0.md``.
 Numbers depend on the machine; print them, never assert them.
 """
 
@@ -68,7 +73,8 @@ def _time_float_unit(module: torch.nn.Module, inputs: torch.Tensor, targets: tor
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", default=None, help="ResNet-20 checkpoint (random weights when omitted)")
+    ap.add_argument("--model", default="resnet20_cifar10", help="registry name (`dgh models`)")
+    ap.add_argument("--weights", default=None, help="checkpoint (random weights when omitted)")
     ap.add_argument("--iters", type=int, default=50, help="timed steps per unit (scaled to 1,000)")
     ap.add_argument("--n-images", type=int, default=256, help="calibration images (random, normalized space)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -80,8 +86,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
-    loaded = load_model("resnet20_cifar10", args.weights)
-    calib = torch.randn(args.n_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loaded = load_model(args.model, args.weights)
+    calib = torch.randn(args.n_images, 3, *loaded.spec.input_size, generator=torch.Generator().manual_seed(0))
     qmodel = quantize_model(loaded, calib, QuantConfig(preset=args.preset, w_bits=4, a_bits=4, bias_correction=False),
                             device=dev, progress=False)
     float_model = loaded.model.to(dev)
@@ -93,11 +99,15 @@ def main() -> None:
     cfg = ReconstructionConfig(iters=args.iters, act_iters=0, batch_size=args.batch_size, keep_best=False)
     print(f"device {dev}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
           f"{args.n_images} calibration images, {args.iters} timed steps per unit, W4A4 {args.preset}")
-    print(f"{'unit':<18}{'s/1k rec':>10}{'s/1k float':>12}{'ratio':>8}{'cache MiB':>11}")
+    print(f"{'unit':<26}{'s/1k rec':>10}{'s/1k float':>12}{'ratio':>8}{'cache MiB':>11}{'cache s':>9}")
     tot_rec = tot_float = 0.0
     for k, unit in enumerate(units):
         set_quant_state(qmodel, True, True)
+        _sync(dev)
+        t_cache = time.perf_counter()
         inputs = _capture(qmodel, unit, calib, dev, 64, "input")
+        _sync(dev)
+        t_cache = time.perf_counter() - t_cache
         fname = unit.name.removeprefix("model.")
         targets = _capture_from(float_model, fname, float_model.get_submodule(fname), calib, dev, 64, "output")
         cache_mib = (inputs.numel() + targets.numel()) * 4 / 2**20
@@ -116,10 +126,10 @@ def main() -> None:
         scale = 1000.0 / max(args.iters, 1)
         tot_rec += t_rec * scale
         tot_float += t_float * scale
-        print(f"{unit.name:<18}{t_rec * scale:>10.1f}{t_float * scale:>12.1f}{t_rec / max(t_float, 1e-9):>8.2f}"
-              f"{cache_mib:>11.2f}")
+        print(f"{unit.name:<26}{t_rec * scale:>10.1f}{t_float * scale:>12.1f}{t_rec / max(t_float, 1e-9):>8.2f}"
+              f"{cache_mib:>11.2f}{t_cache:>9.1f}")
         del inputs, targets
-    print(f"{'total':<18}{tot_rec:>10.1f}{tot_float:>12.1f}{tot_rec / max(tot_float, 1e-9):>8.2f}")
+    print(f"{'total':<26}{tot_rec:>10.1f}{tot_float:>12.1f}{tot_rec / max(tot_float, 1e-9):>8.2f}")
     print(f"paper default (20,000 steps per unit) would take about {tot_rec * 20 / 3600:.2f} h on this machine")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss:.0f} MiB (before reconstruction {rss0:.0f} MiB)")

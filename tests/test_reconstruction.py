@@ -27,7 +27,9 @@ from dgh.quantization.reconstruction import (
     ReconstructionConfig,
     ReconstructionError,
     Unit,
+    _call_order,
     _capture,
+    _chain_links,
     _default_reg_weight,
     is_weight_layer,
     partition_units,
@@ -162,6 +164,64 @@ def test_reconstruction_is_deterministic_for_a_seed():
     for k, va in sa.items():
         if isinstance(va, torch.Tensor):
             assert torch.equal(va, sb[k]), k
+
+
+def _state_equal(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, va in sa.items():
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, sb[k]), k
+
+
+@pytest.mark.parametrize(
+    ("preset", "a_bits", "mode"), [("paper", 4, "brecq"), ("pot", 8, "brecq"), ("paper", 4, "adaround")]
+)
+def test_chained_cache_gives_the_same_model_as_full_capture(preset, a_bits, mode):
+    """``chain_cache`` (derive a unit's input/target from the previous unit's cached outputs) is exact: the model
+    and the per-unit losses are bitwise those of re-running the network from its input for every unit."""
+    loaded, calib = _tiny_resnet(), _images(48)  # 48: the last cache chunk (of 32) is partial
+    runs = []
+    for chain in (True, False):
+        cfg = ReconstructionConfig(mode=mode, iters=12, act_iters=3, batch_size=8, cache_batch_size=32,
+                                   chain_cache=chain, keep_best=True, seed=2)
+        q = _quantize(loaded, calib, preset, a_bits)
+        runs.append(reconstruct(q, calib, cfg, device="cpu", progress=False, float_model=loaded.model))
+    _state_equal(*runs)
+    assert runs[0].reconstruction_report == runs[1].reconstruction_report
+
+
+def test_chain_links_tiny_resnet_blocks_only():
+    """Stem -> first block passes through F.relu (a new tensor): no link; block -> block: linked; last block ->
+    linear goes through pooling: no link. The float model links the same blocks."""
+    loaded, calib = _tiny_resnet(), _images(8)
+    q = _quantize(loaded, calib)
+    set_quant_state(q, True, True)
+    units = _call_order(q, partition_units(q, "brecq"), calib[:1])
+    assert _chain_links(q, [u.module for u in units], calib[:1]) == [False, False, True, True, False]
+    float_units = [loaded.model.get_submodule(u.name.removeprefix("model.")) for u in units]
+    assert _chain_links(loaded.model, float_units, calib[:1]) == [False, False, True, True, False]
+
+
+def test_chain_link_broken_by_inplace_activation():
+    """An in-place activation between two units returns the same tensor object, modified: no link (its output
+    quantizer acts after the ReLU in the network, before it when the first unit runs alone)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 1),
+                          nn.Conv2d(4, 2, 1)).eval()
+    spec = ModelSpec(name="seq", family="test", task="classification", input_size=(8, 8), num_classes=2)
+    loaded, calib = LoadedModel(spec=spec, model=model), _images(16, size=8)
+    q = _quantize(loaded, calib, "pot", 8)
+    set_quant_state(q, True, True)
+    units = _call_order(q, partition_units(q, "adaround"), calib[:1])
+    assert [u.name for u in units] == ["model.0", "model.2", "model.3"]
+    assert _chain_links(q, [u.module for u in units], calib[:1]) == [False, False, True]
+    runs = []
+    for chain in (True, False):
+        cfg = ReconstructionConfig(mode="adaround", iters=10, act_iters=2, batch_size=4, chain_cache=chain)
+        runs.append(reconstruct(_quantize(loaded, calib, "pot", 8), calib, cfg, device="cpu", progress=False,
+                                float_model=model))
+    _state_equal(*runs)
 
 
 def test_adaround_mode_reconstructs_every_layer():

@@ -63,6 +63,10 @@ class ReconstructionConfig(BaseModel):
         act_iters: extra steps per unit that refine only the activation step sizes with the weights hard-rounded
             (paper code: 5,000). 0 disables.
         cache_batch_size: batch size of the forward passes that cache a unit's inputs and targets.
+        chain_cache: derive a unit's cached input (target) from the previous unit's cached output (float output)
+            when the model passes one straight to the other, instead of re-running the network from its input
+            (exact: same modules, same chunks; :mod:`dgh.quantization.reconstruction`, step 1). Off: the BRECQ
+            code's way, one partial forward per unit.
         keep_best: if a unit's loss on the calibration set ends above its loss with nearest rounding (possible with
             very short CPU budgets), restore the unit's nearest rounding and step sizes; the report says so.
         seed: seeds the batch draws (the result is deterministic for a seed and a device).
@@ -82,6 +86,7 @@ class ReconstructionConfig(BaseModel):
     act_lr: float = Field(4e-4, gt=0)
     act_iters: int = Field(5000, ge=0)
     cache_batch_size: int = Field(64, ge=1)
+    chain_cache: bool = True
     keep_best: bool = True
     seed: int = 0
 
