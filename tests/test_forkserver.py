@@ -32,7 +32,8 @@ CLIENT = textwrap.dedent("""
     print("ran in the client")
 """)
 
-pytestmark = pytest.mark.skipif(not forkserver.enabled() or sys.platform != "linux", reason="Linux fork server")
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or not hasattr(__import__("socket"), "send_fds"),
+                                reason="Linux fork server")
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     run_dir = tmp_path / "rt"
     run_dir.mkdir()
     e = {k: v for k, v in os.environ.items() if not k.startswith("DGH_FORKSERVER")}
-    e.update(PYTHONPATH=f"{mods}{os.pathsep}{REPO}", XDG_RUNTIME_DIR=str(run_dir), FS_MARKER="m1",
+    e.update(PYTHONPATH=f"{mods}{os.pathsep}{REPO}", XDG_RUNTIME_DIR=str(run_dir), FS_MARKER="m1", DGH_FORKSERVER="1",
              DGH_FORKSERVER_PRELOAD="json", DGH_FORKSERVER_IDLE_S="20")
     return e
 
@@ -109,3 +110,17 @@ def test_stages_do_not_share_the_servers_generator_states(env: dict[str, str], t
         assert res.returncode == 0, res.stderr
         draws.append(_field(res.stdout, "draw").split())
     assert all(a != b for a, b in zip(*draws)), draws
+
+
+def test_enabled_follows_the_switch_and_stays_off_inside_a_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(forkserver.ENV_CHILD, raising=False)
+    monkeypatch.setenv(forkserver.ENV_SWITCH, "1")
+    assert forkserver.enabled()
+    monkeypatch.setenv(forkserver.ENV_SWITCH, "0")
+    assert not forkserver.enabled()
+    monkeypatch.setenv(forkserver.ENV_SWITCH, "1")
+    monkeypatch.setenv(forkserver.ENV_CHILD, "1")
+    assert not forkserver.enabled()
+    monkeypatch.delenv(forkserver.ENV_CHILD)
+    monkeypatch.delenv(forkserver.ENV_SWITCH)  # unset: on, unless an NVIDIA device node exists
+    assert forkserver.enabled() == (not Path("/dev/nvidiactl").exists())

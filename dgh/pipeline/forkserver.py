@@ -6,7 +6,8 @@ torch, torchvision (which imports ``torch._dynamo``), timm and the stage's dgh m
 sys 1.1 s; ``import torch`` alone 5.2 s), about 45 of the default run's minutes. A forked child of a process that
 has already imported them starts in milliseconds and runs the same code.
 
-How (Linux; elsewhere, and with ``DGH_FORKSERVER=0``, every stage runs in its own process as before):
+How (Linux without an NVIDIA device, or ``DGH_FORKSERVER=1``; elsewhere, and with ``DGH_FORKSERVER=0``, every stage
+runs in its own process as before, see :func:`enabled`):
 
 - a stage module calls :func:`run_in_server` under ``if __name__ == "__main__"`` before its own imports. It connects
   to the server's Unix socket (starting the server if none is listening), sends the module name, its arguments,
@@ -105,14 +106,15 @@ def socket_path(env: dict[str, str] | None = None) -> Path:
 
 
 def enabled() -> bool:
-    """True where stages may run in the server: Linux, ``socket.send_fds`` available, ``DGH_FORKSERVER`` not 0,
-    and not already inside a forked stage."""
-    return (
-        sys.platform == "linux"
-        and hasattr(socket, "send_fds")
-        and os.environ.get(ENV_SWITCH, "1") != "0"
-        and not os.environ.get(ENV_CHILD)
-    )
+    """True where stages may run in the server: Linux, ``socket.send_fds`` available, not already inside a forked
+    stage, and ``DGH_FORKSERVER`` is 1, or unset on a machine without an NVIDIA device node. A CUDA driver
+    initialized in the server before the fork (any ``torch.cuda.is_available()`` during the preload, e.g. in a
+    library's import) cannot be used by the forked stages, and this has not been tested on a GPU machine, so GPU
+    machines keep one process per stage unless ``DGH_FORKSERVER=1`` asks for the server."""
+    switch = os.environ.get(ENV_SWITCH, "")
+    if switch == "0" or os.environ.get(ENV_CHILD) or sys.platform != "linux" or not hasattr(socket, "send_fds"):
+        return False
+    return switch == "1" or not Path("/dev/nvidiactl").exists()
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -318,6 +320,8 @@ def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S
     request until ``idle_s`` seconds pass without one."""
     import importlib
 
+    # torch.cuda.is_available() through NVML: it leaves the CUDA driver uninitialized, so forked stages can use it
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in preload:
         try:
             importlib.import_module(name)
