@@ -124,3 +124,17 @@ def test_enabled_follows_the_switch_and_stays_off_inside_a_stage(monkeypatch: py
     monkeypatch.delenv(forkserver.ENV_CHILD)
     monkeypatch.delenv(forkserver.ENV_SWITCH)  # unset: on, unless an NVIDIA device node exists
     assert forkserver.enabled() == (not Path("/dev/nvidiactl").exists())
+
+
+def test_a_stage_longer_than_the_idle_time_keeps_its_server(env: dict[str, str], tmp_path: Path) -> None:
+    """Idle means no request and no stage running: the stage after a long one reuses the server."""
+    mods = Path(env["PYTHONPATH"].split(os.pathsep)[0])
+    (mods / "fs_slow_mod.py").write_text("import os, time\ntime.sleep(4)\nprint('pgid', os.getpgid(0))\n")
+    run_env = dict(env, DGH_FORKSERVER_IDLE_S="1")
+    pgids = []
+    for mod in ("fs_slow_mod", "fs_stage_mod"):
+        res = subprocess.run([sys.executable, "-c", CLIENT.replace("fs_stage_mod", mod)], env=run_env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        pgids.append(_field(res.stdout, "pgid"))
+    assert pgids[0] == pgids[1]

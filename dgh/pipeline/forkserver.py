@@ -47,7 +47,7 @@ ENV_SWITCH = "DGH_FORKSERVER"  # "0" runs every stage in its own process
 ENV_CHILD = "DGH_FORKSERVER_CHILD"  # set in a forked stage: run_in_server() then runs the stage in place
 ENV_PRELOAD = "DGH_FORKSERVER_PRELOAD"  # comma-separated modules to import in the server (tests)
 ENV_IDLE = "DGH_FORKSERVER_IDLE_S"  # idle seconds before the server exits (default IDLE_S)
-IDLE_S = 120.0  # a server without requests for this long exits
+IDLE_S = 120.0  # a server with no stage running and no request for this long exits
 START_TIMEOUT_S = 300.0  # the preload takes ~30 s on a loaded 2-core CPU
 PRELOAD = (
     "dgh.pipeline.inputs", "dgh.pipeline.generate", "dgh.pipeline.set_stats", "dgh.pipeline.quantize",
@@ -280,7 +280,6 @@ def _run_stage(req: dict, fds: list[int]) -> None:
 
 def _handle(conn: socket.socket) -> None:
     """In the per-request handler: fork the stage, report its pid and exit status, end it if the client leaves."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         req, fds = _recv_request(conn)
     except (OSError, ValueError) as exc:
@@ -317,7 +316,7 @@ def _handle(conn: socket.socket) -> None:
 
 def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S) -> None:
     """Import ``preload`` (a missing optional module is skipped), listen on ``path`` and fork a handler per
-    request until ``idle_s`` seconds pass without one."""
+    request until ``idle_s`` seconds pass with no request and no stage running."""
     import importlib
 
     # torch.cuda.is_available() through NVML: it leaves the CUDA driver uninitialized, so forked stages can use it
@@ -339,20 +338,31 @@ def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S
     finally:
         os.umask(old_umask)
     server.listen(16)
-    server.settimeout(idle_s)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
+    server.settimeout(min(5.0, idle_s))
     print(f"{time.strftime('%H:%M:%S')} serving {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    handlers: set[int] = set()  # running per-request handlers (one per stage)
+    last_busy = time.monotonic()
     try:
         while True:
+            for pid in list(handlers):  # reap finished handlers; a running stage keeps the server alive
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    handlers.discard(pid)
+            if handlers:
+                last_busy = time.monotonic()
+            elif time.monotonic() - last_busy > idle_s:
+                break
             try:
                 conn, _ = server.accept()
             except socket.timeout:
-                break
+                continue
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()  # nothing of the server's output may reach a stage's stdio
-            if os.fork() == 0:
+            pid = os.fork()
+            if pid == 0:
                 server.close()
                 _handle(conn)
+            handlers.add(pid)
+            last_busy = time.monotonic()
             conn.close()
     finally:
         try:
