@@ -42,6 +42,8 @@ from dgh.models.spec import LoadedModel, ModelSpec
 from tests.test_generation import TinyNet, _randomize_bn
 
 TIMEOUT_S = 20.0
+pytestmark = pytest.mark.usefixtures("one_thread")  # parent and ranks on one thread: equal threads per process, and
+# see _child
 
 
 def _loaded() -> LoadedModel:
@@ -66,6 +68,11 @@ def _free_port() -> int:
 
 
 def _child(rank: int, size: int, port: int, target, args, out: Path) -> None:  # noqa: ANN001
+    # A forked child must not start an OpenMP team of 2+ threads once the parent (an earlier test in this pytest
+    # process) has run one: GNU libgomp's thread pool does not survive fork() and the child hangs in its first
+    # parallel region (measured: conv2d with 2 threads before and after fork hangs; with 1 thread after, it ends).
+    # torchrun, which the library uses, execs fresh interpreters and is not affected.
+    torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:

@@ -138,3 +138,22 @@ def test_a_stage_longer_than_the_idle_time_keeps_its_server(env: dict[str, str],
         assert res.returncode == 0, res.stderr
         pgids.append(_field(res.stdout, "pgid"))
     assert pgids[0] == pgids[1]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for a 2-thread OpenMP region")
+def test_a_stage_can_use_two_threads_after_a_preload_that_ran_torch_ops(env: dict[str, str], tmp_path: Path) -> None:
+    """GNU libgomp's thread pool does not survive fork(): had the server run a 2-thread region (here: a convolution
+    in a preloaded module), a stage's own 2-thread region would hang. The stage also starts at torch's default
+    thread count, that of a fresh interpreter in the same environment."""
+    mods = Path(env["PYTHONPATH"].split(os.pathsep)[0])
+    conv = "torch.nn.functional.conv2d(torch.ones(8, 16, 64, 64), torch.ones(16, 16, 3, 3))"
+    (mods / "fs_warm_mod.py").write_text(f"import torch\n{conv}\n")
+    (mods / "fs_conv_mod.py").write_text(
+        f"import torch\nprint('default', torch.get_num_threads())\ntorch.set_num_threads(2)\n{conv}\nprint('done')\n")
+    run_env = dict(env, DGH_FORKSERVER_PRELOAD="fs_warm_mod")
+    res = subprocess.run([sys.executable, "-c", CLIENT.replace("fs_stage_mod", "fs_conv_mod")], env=run_env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=run_env,
+                           capture_output=True, text=True, timeout=90)
+    assert int(_field(res.stdout, "default")) == int(fresh.stdout)

@@ -234,8 +234,9 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body.decode()), list(fds)
 
 
-def _run_stage(req: dict, fds: list[int]) -> None:
-    """In the stage process: take over the client's stdio, directory and environment, run the module, exit."""
+def _run_stage(req: dict, fds: list[int], threads: int | None) -> None:
+    """In the stage process: take over the client's stdio, directory and environment, restore torch's default
+    intra-op thread count ``threads`` (None: torch is not loaded), run the module, exit."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -250,6 +251,8 @@ def _run_stage(req: dict, fds: list[int]) -> None:
     # fresh seeds as in a new interpreter (torch, numpy and random seed themselves from the OS at start): without
     # this every stage would inherit the server's generator states and draw the same "random" numbers
     random.seed()
+    if threads is not None:
+        sys.modules["torch"].set_num_threads(threads)
     for name, reseed in (("torch", lambda m: m.seed()), ("numpy", lambda m: m.random.seed())):
         if name in sys.modules:
             reseed(sys.modules[name])
@@ -278,8 +281,9 @@ def _run_stage(req: dict, fds: list[int]) -> None:
     os._exit(code)
 
 
-def _handle(conn: socket.socket) -> None:
-    """In the per-request handler: fork the stage, report its pid and exit status, end it if the client leaves."""
+def _handle(conn: socket.socket, threads: int | None) -> None:
+    """In the per-request handler: fork the stage (:func:`_run_stage` with ``threads``), report its pid and exit
+    status, end it if the client leaves."""
     try:
         req, fds = _recv_request(conn)
     except (OSError, ValueError) as exc:
@@ -288,7 +292,7 @@ def _handle(conn: socket.socket) -> None:
     pid = os.fork()
     if pid == 0:
         conn.close()
-        _run_stage(req, fds)
+        _run_stage(req, fds, threads)
     for fd in fds:
         os.close(fd)
     conn.sendall(f"pid {pid}\n".encode())
@@ -314,6 +318,24 @@ def _handle(conn: socket.socket) -> None:
             os._exit(0)
 
 
+def _single_threaded_torch() -> int | None:
+    """Import torch (if installed), set it to one intra-op thread and return its default thread count.
+
+    The server must never run an OpenMP parallel region with 2+ threads: GNU libgomp's thread pool does not survive
+    ``fork()``, and a forked stage then hangs in its first parallel region with 2+ threads (measured with torch
+    2.14.1: a 2-thread conv2d before the fork and another after it hangs the child; with 1 thread in the parent,
+    the child's 2-thread conv2d ends). With one thread no pool is ever created, and each stage gets the default
+    back (:func:`_run_stage`) before its own ``threads`` setting applies.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return default
+
+
 def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S) -> None:
     """Import ``preload`` (a missing optional module is skipped), listen on ``path`` and fork a handler per
     request until ``idle_s`` seconds pass with no request and no stage running."""
@@ -321,6 +343,7 @@ def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S
 
     # torch.cuda.is_available() through NVML: it leaves the CUDA driver uninitialized, so forked stages can use it
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    threads = _single_threaded_torch()
     for name in preload:
         try:
             importlib.import_module(name)
@@ -360,7 +383,7 @@ def serve(path: Path, preload: tuple[str, ...] = PRELOAD, idle_s: float = IDLE_S
             pid = os.fork()
             if pid == 0:
                 server.close()
-                _handle(conn)
+                _handle(conn, threads)
             handlers.add(pid)
             last_busy = time.monotonic()
             conn.close()
