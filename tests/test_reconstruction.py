@@ -87,6 +87,17 @@ def test_partition_torchvision_resnet_and_mobilenet_v2():
     assert _default_reg_weight(mnv2) == 0.1
 
 
+def test_partition_timm_efficientnet_lite_takes_each_block_whole():
+    from dgh.models.efficientnet_lite import build_timm_lite0
+
+    q = build_quantized_model(build_timm_lite0().eval(), torch.randn(1, 3, 32, 32))
+    names = [u.name for u in partition_units(q, "brecq")]
+    # stem, 16 blocks (block 0: depthwise-separable, no expansion; 1..15: inverted residual), head conv, classifier
+    assert names[:3] == ["model.conv_stem", "model.blocks.0.0", "model.blocks.1.0"]
+    assert names[-2:] == ["model.conv_head", "model.classifier"] and len(names) == 19
+    assert _default_reg_weight(q) == 0.1
+
+
 def test_partition_ultralytics_layers_and_detect_levels():
     pytest.importorskip("ultralytics")
     from ultralytics.nn.tasks import DetectionModel

@@ -22,9 +22,9 @@ Algorithm (:func:`reconstruct`), for each reconstruction *unit* in call order:
    float target. Otherwise (an activation, pooling or flatten lies between) the model is run from the network input
    as above. Both ways run the same modules on the same ``cache_batch_size`` chunks, so the caches are equal
    (``tests/test_reconstruction.py`` checks bitwise equality); chaining turns the caching cost from quadratic in the
-   number of units into linear. efficientnet_lite0 (20 units, 16 of them chained, 128 images, 1 CPU thread): the
-   full capture took 757 s (516 s quantized inputs + 241 s float targets); a whole chained BRECQ run at 20 + 5 steps
-   per unit took 263 CPU-s (``docs/brecq_efficientnet_lite0.md``).
+   number of units into linear. efficientnet_lite0 (measured with 20 units, its first block then split in two; 16
+   of them chained; 128 images, 1 CPU thread): the full capture took 757 s (516 s quantized inputs + 241 s float
+   targets); a whole chained BRECQ run at 20 + 5 steps per unit took 263 CPU-s (``docs/brecq_efficientnet_lite0.md``).
 2. Replace each weight quantizer's round-to-nearest in the unit by a learned :class:`AdaRoundWeight` and minimize
    ``||unit(x_q) - y_fp||^2 + reg_weight * f_reg`` (BRECQ eq. 9) with the activations of the unit quantized and their
    step sizes learned jointly (LSQ-style, Esser et al. 2020; power-of-two steps through the quantizer's
@@ -41,8 +41,10 @@ Units (the block partition, :func:`partition_units`):
 
 - ``adaround``: every quantized weight layer (conv / linear) alone.
 - ``brecq``:
-  - residual blocks: modules whose class is ``BasicBlock``, ``Bottleneck`` (CIFAR and torchvision ResNets) or
-    ``InvertedResidual`` (MobileNetV2);
+  - residual blocks: modules whose class is ``BasicBlock``, ``Bottleneck`` (CIFAR and torchvision ResNets),
+    ``InvertedResidual`` (MobileNetV2; timm's EfficientNet/-Lite) or ``DepthwiseSeparableConv`` (timm's block without
+    expansion: depthwise + pointwise conv, the first block of EfficientNet-Lite, which torchvision's MobileNetV2
+    writes as an ``InvertedResidual`` with expansion 1 and BRECQ reconstructs as one block);
   - ultralytics / YOLOv5: each top-level layer ``model.model[i]`` (Conv, C3, C2f, SPPF, ...; recognised by the
     ``f``/``i`` attributes ultralytics sets) is one block; the Detect head is split into its per-level branches
     (``cv2[i]`` and ``cv3[i]`` for anchor-free heads, the final convs ``m[i]`` for YOLOv5);
@@ -83,7 +85,7 @@ from dgh.quantization.config import ReconstructionConfig, ReconstructionMode
 from dgh.quantization.quantizers import FakeQuantizer
 from dgh.quantization.state import set_quant_state
 
-RESIDUAL_BLOCK_CLASSES = frozenset({"BasicBlock", "Bottleneck", "InvertedResidual"})
+RESIDUAL_BLOCK_CLASSES = frozenset({"BasicBlock", "Bottleneck", "InvertedResidual", "DepthwiseSeparableConv"})
 DETECT_HEAD_CLASSES = frozenset({"Detect", "Segment", "Pose", "OBB", "v10Detect", "WorldDetect", "YOLOEDetect"})
 MOBILENET_V2_BLOCK = "InvertedResidual"
 
@@ -432,6 +434,10 @@ def _unit_outputs(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> t
 
 
 def _default_reg_weight(model: nn.Module) -> float:
+    """BRECQ's rounding-regularizer weight for ``model``: 0.1 where it has a block class named ``InvertedResidual``,
+    else 0.01 (the BRECQ code README: ``--weight 0.1`` for MobileNetV2, the default 0.01 for ResNets). Both
+    torchvision's MobileNetV2 and timm's EfficientNet-Lite use that class name: the depthwise inverted-residual
+    structure the 0.1 was chosen for."""
     return 0.1 if any(type(m).__name__ == MOBILENET_V2_BLOCK for m in model.modules()) else 0.01
 
 
