@@ -157,3 +157,21 @@ def test_a_stage_can_use_two_threads_after_a_preload_that_ran_torch_ops(env: dic
     fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=run_env,
                            capture_output=True, text=True, timeout=90)
     assert int(_field(res.stdout, "default")) == int(fresh.stdout)
+
+
+def test_fingerprint_ignores_pycache_but_follows_installs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first import writes ``__pycache__`` into an import folder: the next stage must reuse the server. A pip
+    install adds or rewrites a ``*.dist-info`` folder: the next stage must get a fresh one."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setattr(sys, "path", [str(site)])
+    env = {"A": "1"}
+    before = forkserver.fingerprint(env)
+    (site / "__pycache__").mkdir()
+    assert forkserver.fingerprint(env) == before
+    record = site / "pkg-1.0.dist-info"
+    record.mkdir()
+    installed = forkserver.fingerprint(env)
+    assert installed != before
+    os.utime(record, ns=(1, 1))  # the same version reinstalled: a new mtime on its record
+    assert forkserver.fingerprint(env) != installed

@@ -19,9 +19,9 @@ runs in its own process as before, see :func:`enabled`):
   client goes away, the stage is terminated.
 
 A server serves one fingerprint (:func:`fingerprint`): this Python, the dgh source files (paths, sizes and mtimes),
-the installed packages (mtime of every ``sys.path`` folder) and the environment. Any change, e.g. an edited
-``dgh`` module or ``pip install``, gives a new socket name and so a fresh server; a stale one exits after
-``IDLE_S`` seconds without requests. Server log: ``<socket>.log``.
+the installed packages (the entries of every ``sys.path`` folder and the mtimes of its install records) and the
+environment. Any change, e.g. an edited ``dgh`` module or ``pip install``, gives a new socket name and so a fresh
+server; a stale one exits after ``IDLE_S`` seconds without requests. Server log: ``<socket>.log``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,29 @@ class ServerUnavailable(RuntimeError):
     """No server could be reached or started; the caller runs the stage itself."""
 
 
+_INSTALL_RECORDS = (".dist-info", ".egg-info", ".egg-link", ".pth")
+
+
+def _folder_contents(folder: Path) -> str:
+    """A short hash of what an import path entry holds: for a folder, its entry names (``__pycache__`` left out:
+    Python creates it on the first import, and that must not make the next stage start a new server) and the mtimes
+    of its install records (``*.dist-info``, ``*.egg-info``, ``*.egg-link``, ``*.pth``: pip rewrites them on every
+    install, a reinstall of the same version included); for a file (a zip archive), its size and mtime.
+
+    Raises:
+        OSError: ``folder`` cannot be read.
+    """
+    if not folder.is_dir():
+        st = folder.stat()
+        return f"file {st.st_size} {st.st_mtime_ns}"
+    items = []
+    for name in sorted(os.listdir(folder)):
+        if name == "__pycache__":
+            continue
+        items.append(f"{name} {(folder / name).stat().st_mtime_ns}" if name.endswith(_INSTALL_RECORDS) else name)
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
 def fingerprint_inputs(env: dict[str, str] | None = None) -> list[str]:
     """What :func:`fingerprint` hashes, one line per item (written next to a new server's log as ``.inputs``).
 
@@ -76,14 +99,14 @@ def fingerprint_inputs(env: dict[str, str] | None = None) -> list[str]:
     for path in sorted(pkg.rglob("*.py")):
         st = path.stat()
         lines.append(f"file {path} {st.st_size} {st.st_mtime_ns}")
-    # installed packages: a folder's mtime changes when a package is added or removed. The project folder (the
+    # installed packages: what each sys.path folder holds (:func:`_folder_contents`). The project folder (the
     # working directory, dgh's parent) is left out: every stage writes there, and its dgh files are hashed above.
     project = {Path.cwd().resolve(), pkg.parent}
     for entry in sys.path:
         try:
             folder = Path(entry or ".").resolve()
             if folder not in project:
-                lines.append(f"path {entry} {folder.stat().st_mtime_ns}")
+                lines.append(f"path {entry} {_folder_contents(folder)}")
         except OSError:
             continue
     for key in sorted(env):
